@@ -1,0 +1,1 @@
+"""The `cumo-mlx` command line (installed as cumo_mlx.cli)."""

@@ -1,0 +1,74 @@
+"""`cumo-mlx`: the command group and the one error style every command shares.
+
+Errors a user can fix print one line, `error: <what is wrong> (<what to do>)`, and exit with 2;
+anything else is an internal failure (exit 1). `--debug` anywhere on the line shows the traceback.
+"""
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+from cumo_mlx.errors import CuMoError
+
+# Subcommands load their modules only when run, so `cumo-mlx --help` stays fast.
+COMMANDS = {}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cumo-mlx")
+def cli():
+    """CuMo vision-language models in MLX. Add --debug to any command to see tracebacks."""
+
+
+def report(message: str, code: int) -> int:
+    click.echo(f"error: {message}", err=True)
+    return code
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("CUMO_MLX_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        cli.main(args=argv, prog_name="cumo-mlx", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        return report("interrupted", 130)
+    except click.UsageError as e:
+        if debug:
+            traceback.print_exc()
+        command = e.ctx.command_path if e.ctx else "cumo-mlx"
+        return report(f"{e.format_message()} (see `{command} --help`)", 2)
+    except CuMoError as e:
+        if debug:
+            traceback.print_exc()
+        return report(str(e), e.exit_code)
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # an internal failure, not the user's input
+        if debug:
+            traceback.print_exc()
+        return report(
+            f"internal error: {type(e).__name__}: {e} (rerun with --debug and report the traceback)",
+            1,
+        )
+
+
+def entry_point():
+    sys.exit(main())

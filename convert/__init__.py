@@ -1,0 +1,1 @@
+"""Converting PyTorch CuMo checkpoints to MLX (installed as cumo_mlx.convert)."""

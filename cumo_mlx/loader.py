@@ -1,0 +1,97 @@
+"""Load and save CuMo models in MLX layout.
+
+An MLX CuMo directory holds `config.json` (the original's fields plus the embedded
+`vision_config` and any `quantization`), `model*.safetensors` (+ index when sharded) and the
+tokenizer files. Weight loading, quantized-layer rebuilding and sharded saving are mlx-lm's.
+"""
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+from mlx_lm.utils import load_model as mlx_lm_load_model
+from mlx_lm.utils import save_model
+
+from .config import ModelArgs, load_config
+from .errors import CheckpointError, CuMoError
+from .model import Model
+from .processor import Processor
+
+DEMO_PATH = Path(__file__).parent / "demo"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
+    """A local MLX model directory for `demo`, a local path, or (through the converter's cache) a hub id."""
+    name = str(path_or_repo)
+    if name == "demo":
+        return DEMO_PATH
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CuMoError(f"{name} is a file, not a model directory", "give the directory holding config.json")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CuMoError(f"model directory not found: {name}", "check the path, or give a hub id like shi-labs/CuMo-mistral-7b")
+    raise CuMoError(f"{name} is not a local model directory", f"convert it first: cumo-mlx convert --hf-path {name} --mlx-path <dir>")
+
+
+def load_model(model_path: Path, lazy: bool = False) -> tuple[Model, ModelArgs]:
+    """The model in `model_path` (MLX layout), weights as stored (no float32 copies)."""
+    config = load_config(model_path)
+    if "vision_config" not in config:
+        raise CheckpointError(
+            f"{model_path} is not in MLX layout (its config.json has no vision_config)",
+            f"convert it first: cumo-mlx convert --hf-path {model_path} --mlx-path <output>",
+        )
+    args = ModelArgs.from_dict(config, model_path)
+    if not list(model_path.glob("model*.safetensors")):
+        raise CheckpointError(f"no model*.safetensors in {model_path}", "convert or re-download the model")
+    try:
+        model, _ = mlx_lm_load_model(
+model_path, lazy=lazy, get_model_classes=lambda config: (Model, ModelArgs))
+    except CuMoError:
+        raise
+    except Exception as e:  # corrupt file, missing or unexpected tensors, wrong shapes
+        raise CheckpointError(f"cannot load the weights in {model_path}: {e}", "re-convert or re-download the model") from None
+    return model, args
+
+
+def load_processor(model_path: Path, args: ModelArgs) -> Processor:
+    if not any((model_path / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CheckpointError(f"no tokenizer files in {model_path}", "copy tokenizer.model or tokenizer.json into it")
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except Exception as e:
+        raise CheckpointError(f"cannot load the tokenizer in {model_path}: {e}", "check the tokenizer files") from None
+    return Processor(tokenizer, args)
+
+
+def load(path_or_repo: Union[str, Path] = "demo", lazy: bool = False) -> tuple[Model, Processor]:
+    """Load a CuMo model and its processor: `"demo"`, an MLX model directory, or a hub id."""
+    model_path = resolve_model_path(path_or_repo)
+    model, args = load_model(model_path, lazy=lazy)
+    return model, load_processor(model_path, args)
+
+
+def save(
+    path: Union[str, Path],
+    model: Model,
+    tokenizer_source: Optional[Path] = None,
+    extra_config: Optional[dict] = None,
+) -> None:
+    """Write `model` in MLX layout to `path`, with the tokenizer files copied from `tokenizer_source`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(path, model)
+    config = model.args.to_dict()
+    config.update(extra_config or {})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer_source is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_source / name).exists():
+                (path / name).write_bytes((tokenizer_source / name).read_bytes())
+

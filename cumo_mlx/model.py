@@ -1,0 +1,134 @@
+"""The CuMo model: images -> vision tower -> connector -> spliced into the prompt -> LLM logits."""
+
+import re
+from collections import defaultdict
+from typing import NamedTuple, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import ModelArgs
+from .connector import build_connector
+from .errors import CheckpointError
+from .language import LanguageModel
+from .moe import Routing, feed_forward
+from .processor import IMAGE_TOKEN_INDEX
+from .vision_tower import VisionTower
+
+
+class ImageEncoding(NamedTuple):
+    features: mx.array  # [images, patches, LLM hidden]: what replaces each <image> placeholder
+    vision_routings: list[Routing]  # per CLIP MoE layer, over all S2 crops (training mode only)
+    connector_routing: Optional[Routing]
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vision_tower = VisionTower(args)
+        self.mm_projector = build_connector(args)
+        self.language_model = LanguageModel(args.text_config)
+
+    def encode_images(self, pixels: mx.array) -> ImageEncoding:
+        """pixels [n, S, S, 3] -> per-image LLM embeddings [n, patches, hidden] and routings."""
+        features, vision_routings = self.vision_tower(pixels)
+        features, connector_routing = feed_forward(self.mm_projector, features)
+        return ImageEncoding(features, vision_routings, connector_routing)
+
+    def embed_inputs(self, input_ids: Sequence[int], image_features: Optional[mx.array] = None) -> mx.array:
+        """Token embeddings [L', hidden] with each IMAGE_TOKEN_INDEX replaced by its image's rows."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        image_positions = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
+        count = 0 if image_features is None else image_features.shape[0]
+        if len(image_positions) != count:
+            raise ValueError(f"{len(image_positions)} image placeholders but {count} images")
+        embeddings = self.language_model.model.embed_tokens(mx.array(np.where(ids < 0, 0, ids)))
+        if not count:
+            return embeddings
+        image_features = image_features.astype(embeddings.dtype)
+        pieces, start = [], 0
+        for image, position in enumerate(image_positions.tolist()):
+            pieces += [embeddings[start:position], image_features[image]]
+            start = position + 1
+        pieces.append(embeddings[start:])
+        return mx.concatenate(pieces)
+
+    def __call__(self, input_ids: Sequence[int], pixels: Optional[mx.array] = None, cache=None) -> mx.array:
+        """Logits [1, L', vocab] for one prompt (ids with image placeholders) and its images."""
+        image_features = None if pixels is None else self.encode_images(pixels).features
+        embeddings = self.embed_inputs(input_ids, image_features)
+        return self.language_model(None, cache=cache, input_embeddings=embeddings[None])
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def sanitize(self, weights: dict) -> dict:
+        """Map an original PyTorch CuMo checkpoint's names and layouts to this model's.
+
+        Experts stored one module each are stacked into [E, out, in]; the patch convolution goes
+        channels-last; unused buffers are dropped. Weights already in MLX layout pass unchanged.
+        """
+        renamed = {}
+        for name, value in weights.items():
+            new = _rename(name)
+            if new is None:
+                continue
+            if new.endswith("patch_embedding.weight") and name.startswith("model.") and value.ndim == 4:
+                value = value.transpose(0, 2, 3, 1)
+            renamed[new] = value
+        return _stack_experts(renamed)
+
+
+# Original name prefix -> ours; None drops the tensor.
+_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.mm_projector.", "mm_projector."),
+    ("model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+_DROPPED = re.compile(r"(rotary_emb\.inv_freq|position_ids|post_layernorm\.)")
+# Suffixes inside an expert or MLP: connector Sequential indices and Mixtral's w1/w2/w3.
+_MODULE_NAMES = {"0": "fc1", "2": "fc2", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _rename(name: str) -> Optional[str]:
+    if _DROPPED.search(name):
+        return None
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+            break
+    else:
+        return name  # already ours
+    if name.startswith("vision_tower."):
+        # CLIP-MoE keeps `gate` and `experts` on the layer; ours live under the layer's `mlp`.
+        name = re.sub(r"(encoder\.layers\.\d+)\.(gate|experts)\.", r"\1.mlp.\2.", name)
+    if name.startswith("mm_projector."):
+        name = re.sub(r"^mm_projector\.(0|2)\.", lambda m: f"mm_projector.{_MODULE_NAMES[m.group(1)]}.", name)
+    return re.sub(
+        r"\.experts\.(\d+)\.(0|2|w1|w2|w3)\.", lambda m: f".experts.{m.group(1)}.{_MODULE_NAMES[m.group(2)]}.", name
+    )
+
+
+def _stack_experts(weights: dict) -> dict:
+    """`...experts.{e}.{rest}` tensors -> one `...experts.{rest}` tensor stacked over e."""
+    groups = defaultdict(dict)
+    out = {}
+    for name, value in weights.items():
+        match = re.match(r"^(.*\.experts)\.(\d+)\.(.+)$", name)
+        if match:
+            groups[(match.group(1), match.group(3))][int(match.group(2))] = value
+        else:
+            out[name] = value
+    for (prefix, rest), experts in groups.items():
+        if sorted(experts) != list(range(len(experts))):
+            missing = sorted(set(range(max(experts) + 1)) - set(experts))
+            raise CheckpointError(
+                f"{prefix}.*.{rest}: experts {missing} are missing from the checkpoint",
+                "check that the checkpoint is complete",
+            )
+        out[f"{prefix}.{rest}"] = mx.stack([experts[e] for e in range(len(experts))])
+    return out

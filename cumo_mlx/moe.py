@@ -1,0 +1,202 @@
+"""The Top-K sparsely-gated mixture of experts used at all three MoE sites of CuMo.
+
+CLIP layers (quick_gelu MLP experts), the connector (GELU MLP experts) and Mixtral layers (SwiGLU
+experts) share `SparseMoE`. Routing follows the original (reference §5): softmax of the router
+logits in float32, the top-k probabilities renormalised to sum to one.
+
+Expert weights are stacked per block ([E, out, in], mlx-lm's SwitchLinear) and dispatched one of
+two ways, chosen per backend:
+- "gather": `mx.gather_mm`/`gather_qmm` over token-expert pairs, sorted by expert when there are
+  many (fast on Metal and CUDA);
+- "grouped": tokens sorted by expert on the host, then one dense matmul per expert over its
+  tokens (the CPU backend's gather_mm runs ~30x slower than a dense matmul of the same work).
+Both call the same expert modules, so float, quantized and LoRA experts share one code path.
+"""
+
+import os
+from typing import NamedTuple, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.switch_layers import SwitchLinear
+
+# Below this many token-expert pairs the gather path needs no sort and beats a host round trip.
+SORT_THRESHOLD = 64
+DISPATCH_MODES = ("auto", "gather", "grouped")
+_dispatch_override: Optional[str] = None
+
+
+def quick_gelu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": nn.gelu}
+
+
+def set_dispatch(mode: str) -> None:
+    """Force a dispatch path ("gather" or "grouped"), or "auto" to pick by backend (the default).
+
+    The environment variable CUMO_MLX_MOE_DISPATCH sets the same thing.
+    """
+    global _dispatch_override
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"dispatch mode must be one of {DISPATCH_MODES}, got {mode!r}")
+    _dispatch_override = None if mode == "auto" else mode
+
+
+def dispatch_mode(num_pairs: int) -> str:
+    mode = _dispatch_override or os.environ.get("CUMO_MLX_MOE_DISPATCH", "auto")
+    if mode != "auto":
+        return mode
+    on_cpu = mx.default_device() == mx.cpu
+    return "grouped" if on_cpu and num_pairs >= SORT_THRESHOLD else "gather"
+
+
+class Routing(NamedTuple):
+    """What one MoE call decided, kept for the auxiliary losses."""
+
+    logits: mx.array  # [..., E] router logits, float32
+    indices: mx.array  # [..., k] chosen experts
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2: a CLIP MLP or the dense `mlp2x_gelu` connector."""
+
+    def __init__(self, input_dims: int, hidden_dims: int, output_dims: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(input_dims, hidden_dims, bias=bias)
+        self.fc2 = nn.Linear(hidden_dims, output_dims, bias=bias)
+        self.activation = ACTIVATIONS[activation]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class ExpertMLP(nn.Module):
+    """E stacked MLP experts: fc1 -> activation -> fc2."""
+
+    def __init__(self, input_dims, hidden_dims, output_dims, num_experts, activation, bias=True):
+        super().__init__()
+        self.fc1 = SwitchLinear(input_dims, hidden_dims, num_experts, bias=bias)
+        self.fc2 = SwitchLinear(hidden_dims, output_dims, num_experts, bias=bias)
+        self.activation = ACTIVATIONS[activation]
+
+    def __call__(self, x, indices, sorted_indices=False):
+        h = self.activation(self.fc1(x, indices, sorted_indices=sorted_indices))
+        return self.fc2(h, indices, sorted_indices=sorted_indices)
+
+
+class ExpertGLU(nn.Module):
+    """E stacked SwiGLU experts (Mixtral): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, input_dims, hidden_dims, output_dims, num_experts, bias=False):
+        super().__init__()
+        self.gate_proj = SwitchLinear(input_dims, hidden_dims, num_experts, bias=bias)
+        self.up_proj = SwitchLinear(input_dims, hidden_dims, num_experts, bias=bias)
+        self.down_proj = SwitchLinear(hidden_dims, output_dims, num_experts, bias=bias)
+
+    def __call__(self, x, indices, sorted_indices=False):
+        gate = self.gate_proj(x, indices, sorted_indices=sorted_indices)
+        up = self.up_proj(x, indices, sorted_indices=sorted_indices)
+        return self.down_proj(swiglu(gate, up), indices, sorted_indices=sorted_indices)
+
+
+def route(logits: mx.array, top_k: int) -> tuple[mx.array, mx.array]:
+    """Top-k experts of each token and their weights (the top-k softmax probabilities renormalised)."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    indices = mx.stop_gradient(mx.argpartition(-probs, kth=top_k - 1, axis=-1)[..., :top_k])
+    weights = mx.take_along_axis(probs, indices, axis=-1)
+    return indices, weights / weights.sum(axis=-1, keepdims=True)
+
+
+def gather_dispatch(experts: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
+    """Expert outputs [N, k, out] for tokens x [N, D] via gather_mm, sorted by expert when many."""
+    n, k = indices.shape
+    if indices.size < SORT_THRESHOLD:
+        return experts(x[:, None, None, :], indices).squeeze(-2)
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    y = experts(x[order // k][:, None, :], flat[order], sorted_indices=True)
+    return y.squeeze(-2)[mx.argsort(order)].reshape(n, k, -1)
+
+
+def grouped_dispatch(experts: nn.Module, x: mx.array, indices: mx.array) -> mx.array:
+    """Expert outputs [N, k, out]: one dense matmul per expert over the tokens routed to it."""
+    n, k = indices.shape
+    flat = np.array(indices.flatten())  # the group sizes must be known on the host
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=1)
+    x_sorted = x[mx.array(order // k)]
+    outputs, start = [], 0
+    for expert, count in enumerate(counts.tolist()):
+        if count:
+            group = x_sorted[start : start + count][None]
+            outputs.append(experts(group, mx.array([expert]))[0])
+            start += count
+    y = mx.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+    return y[mx.array(np.argsort(order))].reshape(n, k, -1)
+
+
+class SparseMoE(nn.Module):
+    """Router + E experts; each token goes to its top-k experts, outputs mixed by routing weight."""
+
+    def __init__(
+        self,
+        input_dims: int,
+        hidden_dims: int,
+        output_dims: int,
+        num_experts: int,
+        top_k: int,
+        activation: str,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(input_dims, num_experts, bias=False)
+        if activation == "swiglu":
+            self.experts = ExpertGLU(input_dims, hidden_dims, output_dims, num_experts, bias=bias)
+        else:
+            self.experts = ExpertMLP(input_dims, hidden_dims, output_dims, num_experts, activation, bias=bias)
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, Routing]:
+        logits = self.gate(x).astype(mx.float32)
+        indices, weights = route(logits, self.top_k)
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_indices = indices.reshape(-1, self.top_k)
+        if dispatch_mode(flat_indices.size) == "grouped":
+            y = grouped_dispatch(self.experts, flat_x, flat_indices)
+        else:
+            y = gather_dispatch(self.experts, flat_x, flat_indices)
+        y = (y * weights.reshape(-1, self.top_k, 1).astype(y.dtype)).sum(axis=-2)
+        return y.reshape(*x.shape[:-1], -1), Routing(logits, indices)
+
+
+def feed_forward(ffn: nn.Module, x: mx.array) -> tuple[mx.array, Optional[Routing]]:
+    """Apply a dense MLP or a SparseMoE; the routing is None for a dense one."""
+    if isinstance(ffn, SparseMoE):
+        return ffn(x)
+    return ffn(x), None
+
+
+def balance_loss(routing: Routing, per_sequence: bool) -> mx.array:
+    """E^2 * mean_e(P_e * f_e): P_e the mean router probability, f_e the top-1 share of expert e.
+
+    per_sequence: compute it over the tokens of each batch element, then average (CLIP and the
+    connector, where a batch element is one image or crop); otherwise over all tokens (Mixtral).
+    """
+    logits = routing.logits
+    num_experts = logits.shape[-1]
+    if not per_sequence:
+        logits = logits.reshape(-1, num_experts)
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    top1 = mx.stop_gradient(mx.argmax(probs, axis=-1))
+    top1_share = (top1[..., None] == mx.arange(num_experts)).astype(mx.float32).mean(axis=-2)
+    return (probs.mean(axis=-2) * top1_share).mean() * num_experts**2
+
+
+def router_z_loss(routing: Routing) -> mx.array:
+    """Mean over tokens of logsumexp(router logits)^2."""
+    return mx.square(mx.logsumexp(routing.logits.astype(mx.float32), axis=-1)).mean()

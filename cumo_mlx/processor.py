@@ -1,0 +1,155 @@
+"""Images and prompts to model inputs, exactly as the original prepares them.
+
+Images: any PIL-readable file or an http(s) URL, EXIF orientation applied, RGB; `pad` pastes the
+image centred on a square of the mean colour; then CLIP's processor (shortest edge resize with
+PIL bicubic, centre crop, rescale, normalise), in numpy, channels last.
+
+Prompts: split at `<image>`, each piece tokenized with BOS, a placeholder id between pieces, and
+the leading BOS kept once; the template's literal `<s>` therefore gives the original's `[1, 1, ...]`.
+"""
+
+import io
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Union
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, ImageOps
+
+from .config import ModelArgs, VisionConfig
+from .errors import ImageError
+from .templates import IMAGE_PLACEHOLDER
+
+IMAGE_TOKEN_INDEX = -200  # placeholder id of an image in prompt ids
+IGNORE_INDEX = -100  # label of positions that are not supervised
+URL_TIMEOUT_S = 20
+URL_MAX_BYTES = 50 * 1024 * 1024
+
+ImageSource = Union[str, Path, Image.Image]
+
+
+def _open_url(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+            data = response.read(URL_MAX_BYTES + 1)
+    except Exception as e:
+        raise ImageError(f"cannot download image {url}: {e}", "check the URL and your network") from None
+    if len(data) > URL_MAX_BYTES:
+        raise ImageError(f"image at {url} is larger than {URL_MAX_BYTES >> 20} MB", "download and shrink it first")
+    return data
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float grayscale scaled to 8 bits (PIL's own conversion would clip them at 255)."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        array = array * 255.0 if array.max() <= 1.0 else array
+    else:
+        array = array / 257.0  # 0..65535 -> 0..255
+    return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L")
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """An RGB PIL image from a path, an http(s) URL, or a PIL image, with EXIF orientation applied."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        name = str(source)
+        if name.startswith(("http://", "https://")):
+            data = io.BytesIO(_open_url(name))
+        elif "://" in name:
+            raise ImageError(f"unsupported image URL scheme in {name}", "use a file path or an http(s) URL")
+        else:
+            path = Path(name).expanduser()
+            if not path.exists():
+                raise ImageError(f"image file not found: {name}", "check the path")
+            if path.is_dir():
+                raise ImageError(f"{name} is a directory, not an image", "give an image file")
+            data = path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(data)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{name} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels)", "resize it first") from None
+        except PermissionError:
+            raise ImageError(f"cannot read {name}: permission denied", "check its permissions") from None
+        except Exception as e:  # not an image, truncated, unsupported
+            raise ImageError(f"cannot read {name} as an image ({type(e).__name__})", "give a PNG, JPEG or other image file") from None
+    if image.width < 1 or image.height < 1:
+        raise ImageError("the image is empty", "give a non-empty image")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:
+        pass  # a broken EXIF block: keep the pixels as stored
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        image = _to_8bit(image)
+    return image.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Paste the image centred on a square canvas of `background` (the original's `pad`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def clip_preprocess(image: Image.Image, config: VisionConfig) -> np.ndarray:
+    """CLIP image processing: [crop, crop, 3] float32, as transformers' CLIPImageProcessor does it."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = config.shortest_edge, int(config.shortest_edge * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    pixels = np.asarray(image.resize(size, Image.BICUBIC))
+    crop = config.crop_size
+    top, left = (pixels.shape[0] - crop) // 2, (pixels.shape[1] - crop) // 2
+    pixels = pixels[top : top + crop, left : left + crop]
+    pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.array(config.image_mean, dtype=np.float32)
+    std = np.array(config.image_std, dtype=np.float32)
+    return (pixels - mean) / std
+
+
+class Processor:
+    """Turns images and prompt text into the model's inputs; holds the tokenizer (mlx-lm's wrapper)."""
+
+    def __init__(self, tokenizer, args: ModelArgs):
+        self.tokenizer = tokenizer
+        self.args = args
+        self.vision_config = args.vision_config
+
+    @property
+    def pad_color(self) -> tuple[int, int, int]:
+        return tuple(int(m * 255) for m in self.vision_config.image_mean)
+
+    def preprocess_image(self, image: ImageSource) -> np.ndarray:
+        image = load_image(image)
+        if self.args.image_aspect_ratio == "pad":
+            image = expand_to_square(image, self.pad_color)
+        return clip_preprocess(image, self.vision_config)
+
+    def preprocess_images(self, images: list[ImageSource]) -> mx.array:
+        """[n, S, S, 3] pixel values for the vision tower."""
+        return mx.array(np.stack([self.preprocess_image(image) for image in images]))
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Prompt ids with IMAGE_TOKEN_INDEX where each `<image>` stands (the original's splice)."""
+        bos = self.tokenizer.bos_token_id
+        chunks = [self.tokenizer.encode(chunk) for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+        skip = 1 if chunks[0] and chunks[0][0] == bos else 0
+        ids = [bos] if skip else []
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            ids.extend(chunk[skip:])
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i >= 0])
