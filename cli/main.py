@@ -14,7 +14,16 @@ import click
 from cumo_mlx.errors import CuMoError
 
 # Subcommands load their modules only when run, so `cumo-mlx --help` stays fast.
-COMMANDS = {}
+COMMANDS = {
+    "generate": "cumo_mlx.cli.generate:generate",
+    "chat": "cumo_mlx.cli.chat:chat",
+    "convert": "cumo_mlx.cli.convert:convert",
+    "train": "cumo_mlx.cli.train:train",
+    "upcycle": "cumo_mlx.cli.upcycle:upcycle",
+    "fuse": "cumo_mlx.cli.fuse:fuse",
+    "data": "cumo_mlx.cli.data:data",
+    "experts": "cumo_mlx.cli.experts:experts",
+}
 
 
 class LazyGroup(click.Group):
