@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import save_model
@@ -39,8 +40,21 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
     raise CuMoError(f"{name} is not a local model directory", f"convert it first: cumo-mlx convert --hf-path {name} --mlx-path <dir>")
 
 
-def load_model(model_path: Path, lazy: bool = False) -> tuple[Model, ModelArgs]:
-    """The model in `model_path` (MLX layout), weights as stored (no float32 copies)."""
+def compute_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
+    """The dtype to run floating-point weights in: `dtype` if given, else float32 on the CPU backend
+    (its half-precision matmuls have no BLAS path and run ~40x slower), else the stored dtype (None)."""
+    if dtype is not None:
+        return getattr(mx, dtype)
+    return mx.float32 if mx.default_device() == mx.cpu else None
+
+
+def cast_floating(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast floating-point parameters (quantization scales included) to `dtype`, lazily."""
+    model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+
+
+def load_model(model_path: Path, lazy: bool = False, dtype: Optional[str] = None) -> tuple[Model, ModelArgs]:
+    """The model in `model_path` (MLX layout). Weights keep their stored dtype, except as `compute_dtype` says."""
     config = load_config(model_path)
     if "vision_config" not in config:
         raise CheckpointError(
@@ -51,8 +65,11 @@ def load_model(model_path: Path, lazy: bool = False) -> tuple[Model, ModelArgs]:
     if not list(model_path.glob("model*.safetensors")):
         raise CheckpointError(f"no model*.safetensors in {model_path}", "convert or re-download the model")
     try:
-        model, _ = mlx_lm_load_model(
-model_path, lazy=lazy, get_model_classes=lambda config: (Model, ModelArgs))
+        model, _ = mlx_lm_load_model(model_path, lazy=True, get_model_classes=lambda config: (Model, ModelArgs))
+        if (target := compute_dtype(dtype)) is not None:
+            cast_floating(model, target)
+        if not lazy:
+            mx.eval(model.parameters())
     except CuMoError:
         raise
     except Exception as e:  # corrupt file, missing or unexpected tensors, wrong shapes
@@ -70,10 +87,16 @@ def load_processor(model_path: Path, args: ModelArgs) -> Processor:
     return Processor(tokenizer, args)
 
 
-def load(path_or_repo: Union[str, Path] = "demo", lazy: bool = False) -> tuple[Model, Processor]:
-    """Load a CuMo model and its processor: `"demo"`, an MLX model directory, or a hub id."""
+def load(
+    path_or_repo: Union[str, Path] = "demo", lazy: bool = False, dtype: Optional[str] = None
+) -> tuple[Model, Processor]:
+    """Load a CuMo model and its processor: `"demo"`, an MLX model directory, or a hub id.
+
+    dtype: "float16", "bfloat16" or "float32" to run the weights in; by default float32 on the CPU
+    backend and the stored dtype elsewhere.
+    """
     model_path = resolve_model_path(path_or_repo)
-    model, args = load_model(model_path, lazy=lazy)
+    model, args = load_model(model_path, lazy=lazy, dtype=dtype)
     return model, load_processor(model_path, args)
 
 
