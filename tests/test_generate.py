@@ -1,0 +1,373 @@
+"""`cumo-mlx generate` and the Python API `cumo_mlx.generate` / `cumo_mlx.stream_generate`, on tiny models."""
+
+import importlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
+from PIL import Image
+
+import cumo_mlx
+from cumo_mlx.cli.main import main
+from cumo_mlx.loader import save
+from cumo_mlx.processor import IMAGE_TOKEN_INDEX
+from cumo_mlx.templates import chat_prompt
+from tiny_models import tiny_config, write_mlx_model
+
+QUESTION = "What shape is this?"
+generation = importlib.import_module("cumo_mlx.generate")  # the module: `cumo_mlx.generate` is the function
+
+
+def run_cli(*args, input=None):
+    """`cumo-mlx ARGS` in this process: (exit code, stdout, stderr)."""
+    with CliRunner().isolation(input=input) as (out, err, _):
+        code = main([str(a) for a in args])
+    return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def cli_command():
+    return [sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()"]
+
+
+def write_text_model(directory: Path, config: dict) -> Path:
+    """A tiny CuMo whose LM head cannot pick special or byte-fallback pieces (their rows are 0):
+    greedy answers are valid text that never ends on its own (tests force `</s>` where needed)."""
+    write_mlx_model(directory, config)
+    model, processor = cumo_mlx.load(directory)
+    pieces = processor.tokenizer.convert_ids_to_tokens(list(range(config["vocab_size"])))
+    blocked = mx.array([i for i, piece in enumerate(pieces) if i < 3 or piece.startswith("<0x")])
+    weight = model.language_model.lm_head.weight
+    weight[blocked] = 0
+    model.language_model.lm_head.weight = weight
+    save(directory, model, tokenizer_source=directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return write_text_model(tmp_path_factory.mktemp("tiny-text"), tiny_config())
+
+
+@pytest.fixture(scope="session")
+def loaded(model_dir):
+    return cumo_mlx.load(model_dir)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = [directory / "wide.png", directory / "tall.jpg"]
+    Image.fromarray(rng.integers(0, 256, (20, 34, 3), dtype=np.uint8)).save(paths[0])
+    Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)).save(paths[1])
+    return paths
+
+
+def greedy(**kwargs):
+    return {"temp": 0.0, "max_tokens": 24, **kwargs}
+
+
+def api_tokens(loaded, prompt, images=None, **kwargs):
+    responses = list(cumo_mlx.stream_generate(*loaded, prompt, images, **greedy(**kwargs)))
+    return responses, [r.token for r in responses if r.finish_reason != "stop"]
+
+
+def test_cli_greedy_output_equals_python_api(model_dir, loaded, images):
+    code, out, err = run_cli("generate", "--model", model_dir, "--image", images[0], "--prompt", QUESTION,
+                             "--temp", 0, "--max-tokens", 24, "--quiet")  # fmt: skip
+    assert code == 0, err
+    expected = cumo_mlx.generate(*loaded, QUESTION, images[0], **greedy())
+    assert expected.strip() and out == expected + "\n"
+    assert "==========" not in err  # --quiet: no stats
+
+
+def test_stats_block_on_stderr(model_dir, images):
+    code, out, err = run_cli("generate", "--model", model_dir, "--image", images[0], "--image", images[1],
+                             "--prompt", QUESTION, "--max-tokens", 5, "--seed", 1)  # fmt: skip
+    assert code == 0, err
+    assert out.strip() and "==========" not in out
+    stats = err[err.index("==========") :]
+    for line in ("Images: 2, ", "Prompt: ", "Generation: 5 tokens, ", "Peak memory: "):
+        assert line in stats
+
+
+def test_json_fields_are_consistent(model_dir, loaded, images):
+    model, processor = loaded
+    question = "Compare <image> with <image>, please."
+    code, out, err = run_cli("generate", "--model", model_dir, "--image", images[0], "--image", images[1],
+                             "--prompt", question, "--temp", 0, "--max-tokens", 16, "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)  # stdout holds the one JSON object and nothing else
+    assert set(result) == {"text", "tokens", "prompt_tokens", "finish_reason", "stats"}
+    assert result["text"] and result["text"] == processor.decode(result["tokens"])
+    assert result["prompt_tokens"] == processor.tokenize(chat_prompt([question]))
+    assert result["prompt_tokens"].count(IMAGE_TOKEN_INDEX) == 2
+    assert result["finish_reason"] == "length" and len(result["tokens"]) == 16
+    _, tokens = api_tokens(loaded, question, images, max_tokens=16)
+    assert result["tokens"] == tokens
+    stats = result["stats"]
+    rows = model.args.vision_config.num_patches
+    assert stats["images"] == 2 and stats["image_time_s"] > 0
+    assert stats["prompt_tokens"] == len(result["prompt_tokens"]) + 2 * (rows - 1)
+    assert stats["generation_tokens"] == 16
+    assert stats["prompt_tps"] > 0 and stats["generation_tps"] > 0 and stats["peak_memory_gb"] > 0
+
+
+def scripted_sampler(monkeypatch, tokens, then):
+    """Make every sampler emit `tokens`, then `then` forever (generation runs one step ahead)."""
+    def make_sampler(*args, **kwargs):
+        script = itertools.chain(tokens, itertools.repeat(then))
+        return lambda logprobs: mx.array([next(script)])
+
+    monkeypatch.setattr(generation, "make_sampler", make_sampler)
+
+
+def test_json_after_end_of_sequence(model_dir, loaded, monkeypatch):
+    processor = loaded[1]
+    words = processor.tokenizer.encode("circle square", add_special_tokens=False)
+    eos = processor.tokenizer.eos_token_id
+    scripted_sampler(monkeypatch, words + [eos], eos)
+    code, out, err = run_cli("generate", "--model", model_dir, "--prompt", QUESTION, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["finish_reason"] == "stop"
+    assert result["tokens"] == words  # `</s>` ends the answer and is not part of it
+    assert result["text"] == processor.decode(words) == "circle square"
+    assert result["stats"]["generation_tokens"] == len(words) + 1 and result["stats"]["images"] == 0
+
+
+def test_streaming_joins_to_non_streaming_text(loaded, images):
+    for prompt, pictures in ((QUESTION, images[0]), ("hello there", None), ("Describe the image in detail.", images)):
+        responses, tokens = api_tokens(loaded, prompt, pictures, max_tokens=40)
+        text = "".join(r.text for r in responses)
+        assert text and text == cumo_mlx.generate(*loaded, prompt, pictures, **greedy(max_tokens=40))
+        assert text == loaded[1].decode(tokens)
+        assert [r.generation_tokens for r in responses] == list(range(1, 41))
+        assert responses[-1].finish_reason == "length" and all(r.finish_reason is None for r in responses[:-1])
+    for seed in (1, 2):  # sampling: the same seed, the same text either way
+        mx.random.seed(seed)
+        streamed = "".join(r.text for r in cumo_mlx.stream_generate(*loaded, QUESTION, images[0], max_tokens=30))
+        mx.random.seed(seed)
+        assert streamed == cumo_mlx.generate(*loaded, QUESTION, images[0], max_tokens=30)
+
+
+def test_stream_generate_stops_at_end_of_sequence(loaded):
+    eos = loaded[1].tokenizer.eos_token_id
+    responses = list(cumo_mlx.stream_generate(*loaded, QUESTION, logit_bias={eos: 1e9}))
+    assert len(responses) == 1 and responses[0].finish_reason == "stop" and responses[0].token == eos
+    assert responses[0].text == ""
+
+
+def test_prompt_ids_and_text_only_prompts(model_dir, loaded):
+    processor = loaded[1]
+    code, out, err = run_cli("generate", "--model", model_dir, "--prompt", "hello there", "--max-tokens", 3, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] == processor.tokenize(chat_prompt(["hello there"]))
+    assert IMAGE_TOKEN_INDEX not in result["prompt_tokens"] and result["stats"]["images"] == 0
+    for system, expected in (("Be brief.", "Be brief."), ("", None)):
+        code, out, err = run_cli(
+            "generate", "--model", model_dir, "--prompt", "hello there", "--system", system, "--max-tokens", 2, "--json"
+        )
+        assert code == 0, err
+        assert json.loads(out)["prompt_tokens"] == processor.tokenize(chat_prompt(["hello there"], expected))
+
+
+def test_prompt_from_stdin(model_dir, images):
+    args = ["generate", "--model", str(model_dir), "--image", str(images[0]), "--temp", "0", "--max-tokens", "8"]
+    args += ["--json"]
+    piped = subprocess.run(cli_command() + args + ["--prompt", "-"], input=QUESTION + "\n", capture_output=True,
+                           text=True)  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    code, out, err = run_cli(*args, "--prompt", QUESTION + "\n")
+    assert code == 0, err
+    assert json.loads(piped.stdout) == {**json.loads(out), "stats": json.loads(piped.stdout)["stats"]}
+
+
+def test_prefill_in_steps_gives_the_same_answer(loaded, images):
+    _, whole = api_tokens(loaded, QUESTION, images)
+    _, stepped = api_tokens(loaded, QUESTION, images, prefill_step_size=7)
+    assert stepped == whole
+
+
+def test_kv_cache_options(tmp_path, images):
+    config = tiny_config()
+    config.update(num_attention_heads=2, num_key_value_heads=1)  # head size 32: a KV quantization group
+    model_dir = write_text_model(tmp_path / "m", config)
+    model, processor = cumo_mlx.load(model_dir)
+    cache = make_prompt_cache(model.language_model)
+    kv = {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0, "max_tokens": 6}
+    responses = list(cumo_mlx.stream_generate(model, processor, QUESTION, images[0], prompt_cache=cache, **kv))
+    assert len(responses) == 6 and all(isinstance(layer, QuantizedKVCache) for layer in cache)
+    for flags in (["--kv-bits", 8, "--kv-group-size", 32, "--quantized-kv-start", 0], ["--max-kv-size", 40]):
+        code, out, err = run_cli("generate", "--model", model_dir, "--image", images[0], "--prompt", QUESTION,
+                                 "--max-tokens", 6, "--json", *flags)  # fmt: skip
+        assert code == 0, err
+        assert len(json.loads(out)["tokens"]) == 6
+
+
+def test_quantized_model(model_dir, tmp_path, images):
+    """A model with a 4-bit LLM (as mlx-lm quantizes and reloads it) goes through the same path."""
+    model, _ = cumo_mlx.load(model_dir)
+    quantization = {"group_size": 32, "bits": 4}
+    in_llm = lambda path, module: path.startswith("language_model") and hasattr(module, "to_quantized")  # noqa: E731
+    nn.quantize(model, **quantization, class_predicate=in_llm)
+    save(tmp_path, model, tokenizer_source=model_dir, extra_config={"quantization": quantization})
+    loaded = cumo_mlx.load(tmp_path)
+    assert isinstance(loaded[0].language_model.lm_head, nn.QuantizedLinear)
+    code, out, err = run_cli("generate", "--model", tmp_path, "--image", images[0], "--prompt", QUESTION,
+                             "--temp", 0, "--max-tokens", 12, "--json")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    _, tokens = api_tokens(loaded, QUESTION, images[0], max_tokens=12)
+    assert result["tokens"] == tokens and len(tokens) == 12
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A small PNG file whose header claims width x height pixels (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/photo.png"
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory, images):
+    directory = tmp_path_factory.mktemp("bad")
+    (directory / "notes.png").write_text("not an image at all\n")
+    (directory / "cut.jpg").write_bytes(images[1].read_bytes()[:300])
+    (directory / "bomb.png").write_bytes(huge_png(12000, 12000))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def short_context_dir(model_dir, tmp_path_factory):
+    """The tiny model with a context of 110: the question alone fits (100 ids), with an image (+15 rows) it does not."""
+    directory = tmp_path_factory.mktemp("short") / "m"
+    shutil.copytree(model_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["tokenizer_model_max_length"] = 110
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+BAD_INPUTS = {
+    "missing image": (["--image", "{bad}/nowhere.png"], "image file not found"),
+    "not an image": (["--image", "{bad}/notes.png"], "cannot read"),
+    "truncated image": (["--image", "{bad}/cut.jpg"], "cannot read"),
+    "decompression bomb": (["--image", "{bad}/bomb.png"], "too large to decode safely"),
+    "unreachable url": (["--image", "{url}"], "cannot download image"),
+    "empty prompt": (["--prompt", ""], "the prompt is empty"),
+    "blank prompt": (["--prompt", "  \n"], "the prompt is empty"),
+    "no prompt": (["--prompt", None], "no prompt given"),
+    "more images than slots": (["--image", "{img}", "--image", "{img}", "--prompt", "<image> What?"], "1 <image>"),
+    "more slots than images": (["--image", "{img}", "--prompt", "<image> or <image>?"], "2 <image>"),
+    "slot without image": (["--prompt", "<image> What?"], "but 0 image"),
+    "zero max tokens": (["--max-tokens", 0], "max_tokens"),
+    "negative max tokens": (["--max-tokens", -5], "max_tokens"),
+    "negative temp": (["--temp", -0.1], "temp"),
+    "zero top-p": (["--top-p", 0], "top_p"),
+    "top-p over 1": (["--top-p", 1.5], "top_p"),
+    "negative min-p": (["--min-p", -0.1], "min_p"),
+    "min-p over 1": (["--min-p", 1.01], "min_p"),
+    "negative top-k": (["--top-k", -1], "top_k"),
+    "zero repetition penalty": (["--repetition-penalty", 0], "repetition_penalty"),
+    "negative repetition penalty": (["--repetition-penalty", -1.2], "repetition_penalty"),
+    "kv bits 7": (["--kv-bits", 7], "kv_bits must be one of 1, 2, 3, 4, 5, 6, 8"),
+    "kv bits 16": (["--kv-bits", 16], "kv_bits must be one of"),
+    "kv bits 0": (["--kv-bits", 0], "kv_bits must be one of"),
+    "kv group 16": (["--kv-bits", 4, "--kv-group-size", 16], "kv_group_size must be one of"),
+    "kv group vs head size": (["--kv-bits", 4, "--kv-group-size", 32], "does not divide the model's attention head"),
+    "kv bits with rotating cache": (["--kv-bits", 4, "--max-kv-size", 100], "cannot be combined"),
+    "zero max kv size": (["--max-kv-size", 0], "max_kv_size"),
+    "zero prefill step": (["--prefill-step-size", 0], "prefill_step_size"),
+    "prompt over context (image rows)": (["--model", "{short}", "--image", "{img}"], "over the model's context of 110"),
+    "prompt over context (text)": (["--model", "{short}", "--prompt", "many words " * 60], "over the model's context"),
+    "missing model": (["--model", "{bad}/no-model"], "model directory not found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_error_line(case, model_dir, images, bad_files, short_context_dir):
+    flags, message = BAD_INPUTS[case]
+    names = {"bad": bad_files, "img": images[0], "url": closed_port_url(), "short": short_context_dir}
+    flags = [flag.format(**names) if isinstance(flag, str) else flag for flag in flags]
+    options = {"--model": model_dir, "--prompt": QUESTION, "--max-tokens": 4}
+    for flag, default in options.items():
+        if flag not in flags:
+            flags += [flag, default]
+    if None in flags:  # --prompt None: leave the option out
+        del flags[flags.index(None) - 1 : flags.index(None) + 1]
+    code, out, err = run_cli("generate", *flags)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and out == ""
+
+
+def test_the_short_context_model_still_answers_within_its_context(short_context_dir):
+    code, out, err = run_cli("generate", "--model", short_context_dir, "--prompt", QUESTION, "--max-tokens", 3)
+    assert code == 0, err
+
+
+def test_ctrl_c_stops_and_keeps_the_answer_so_far(model_dir, loaded, images):
+    command = cli_command() + ["generate", "--model", str(model_dir), "--image", str(images[0]),
+                               "--prompt", QUESTION, "--temp", "0", "--max-tokens", "10000000"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = os.read(process.stdout.fileno(), 64)  # the answer has started streaming
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    out, err = (first + out).decode(), err.decode()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "error: interrupted" in err
+    assert "Generation: " in err  # the stats of what was generated
+    expected = cumo_mlx.generate(*loaded, QUESTION, images[0], **greedy(max_tokens=100))
+    assert first and out.endswith("\n") and expected.startswith(out[:200].rstrip("\n"))
+
+
+def test_ctrl_c_with_json_prints_the_answer_so_far(model_dir, loaded, monkeypatch):
+    processor = loaded[1]
+    words = processor.tokenizer.encode("circle square triangle", add_special_tokens=False)
+
+    def make_sampler(*args, **kwargs):
+        script = iter(words)
+        def sample(logprobs):
+            token = next(script, None)
+            if token is None:
+                raise KeyboardInterrupt  # Ctrl-C while the next token is computed
+            return mx.array([token])
+        return sample
+
+    monkeypatch.setattr(generation, "make_sampler", make_sampler)
+    code, out, err = run_cli("generate", "--model", model_dir, "--prompt", QUESTION, "--json")
+    assert code == 130 and "error: interrupted" in err and "Traceback" not in err
+    result = json.loads(out)
+    assert result["finish_reason"] == "interrupted"
+    assert result["tokens"] and result["tokens"] == words[: len(result["tokens"])]
+    assert result["text"] == processor.decode(result["tokens"])
