@@ -36,7 +36,8 @@ KV_GROUP_SIZES = (32, 64, 128)
 @dataclass
 class GenerationResponse(MLXGenerationResponse):
     """mlx-lm's response (text segment, token, counts, tok/s, peak memory in GB, finish_reason),
-    plus the seconds this call spent loading and encoding its images."""
+    plus the seconds this call spent turning its images into LLM embeddings (preprocessing and the
+    vision tower and connector; reading the files too when given paths or URLs)."""
 
     image_time: float = 0.0
 
@@ -227,7 +228,7 @@ def format_stats(response: GenerationResponse, num_images: int) -> str:
     """The stats block printed after an answer."""
     lines = ["=========="]
     if num_images:
-        lines.append(f"Images: {num_images}, {response.image_time:.3f} s to read and encode")
+        lines.append(f"Images: {num_images}, {response.image_time:.3f} s to encode")
     lines += [
         f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
         f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec",
