@@ -323,6 +323,14 @@ def _vision_config_from_hub(repo_id: str) -> VisionConfig:
             "set --vision-tower to a CLIP directory or hub id",
         ) from None
     except Exception as e:  # offline, unknown repo, network failure
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(
+                f"the vision tower config '{repo_id}' is not in the local hub cache and hub access is offline "
+                "(HF_HUB_OFFLINE is set)",
+                "unset HF_HUB_OFFLINE and connect to the network, or pass --vision-tower with a local CLIP directory",
+            ) from None
         raise ConfigError(
             f"cannot fetch the vision tower config '{repo_id}' from the hub ({type(e).__name__})",
             "connect to the network, or pass --vision-tower with a local CLIP directory",
