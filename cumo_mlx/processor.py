@@ -6,13 +6,15 @@ PIL bicubic, centre crop, rescale, normalise), in numpy, channels last.
 
 Prompts: split at `<image>`, each piece tokenized with BOS, a placeholder id between pieces, and
 the leading BOS kept once; the template's literal `<s>` therefore gives the original's `[1, 1, ...]`.
+With a SentencePiece `tokenizer.model` the pieces are tokenized as the original's slow tokenizer does.
 """
 
 import io
+import re
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -51,34 +53,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), mode="L")
 
 
-def load_image(source: ImageSource) -> Image.Image:
-    """An RGB PIL image from a path, an http(s) URL, or a PIL image, with EXIF orientation applied."""
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        name = str(source)
-        if name.startswith(("http://", "https://")):
-            data = io.BytesIO(_open_url(name))
-        elif "://" in name:
-            raise ImageError(f"unsupported image URL scheme in {name}", "use a file path or an http(s) URL")
-        else:
-            path = Path(name).expanduser()
-            if not path.exists():
-                raise ImageError(f"image file not found: {name}", "check the path")
-            if path.is_dir():
-                raise ImageError(f"{name} is a directory, not an image", "give an image file")
-            data = path
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(data)
-                image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{name} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels)", "resize it first") from None
-        except PermissionError:
-            raise ImageError(f"cannot read {name}: permission denied", "check its permissions") from None
-        except Exception as e:  # not an image, truncated, unsupported
-            raise ImageError(f"cannot read {name} as an image ({type(e).__name__})", "give a PNG, JPEG or other image file") from None
+def _oriented_rgb(image: Image.Image) -> Image.Image:
     if image.width < 1 or image.height < 1:
         raise ImageError("the image is empty", "give a non-empty image")
     try:
@@ -88,6 +63,38 @@ def load_image(source: ImageSource) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         image = _to_8bit(image)
     return image.convert("RGB")
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """An RGB PIL image from a path, an http(s) URL, or a PIL image, with EXIF orientation applied."""
+    if isinstance(source, Image.Image):
+        return _oriented_rgb(source)
+    name = str(source)
+    if name.startswith(("http://", "https://")):
+        data = io.BytesIO(_open_url(name))
+    elif "://" in name:
+        raise ImageError(f"unsupported image URL scheme in {name}", "use a file path or an http(s) URL")
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ImageError(f"image file not found: {name}", "check the path")
+        if path.is_dir():
+            raise ImageError(f"{name} is a directory, not an image", "give an image file")
+        data = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(data) as opened:  # closed here: multi-frame files (GIF) keep it open otherwise
+                opened.load()
+                return _oriented_rgb(opened)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels)", "resize it first") from None
+    except PermissionError:
+        raise ImageError(f"cannot read {name}: permission denied", "check its permissions") from None
+    except Exception as e:  # not an image, truncated, unsupported
+        raise ImageError(f"cannot read {name} as an image ({type(e).__name__})", "give a PNG, JPEG or other image file") from None
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -117,13 +124,67 @@ def clip_preprocess(image: Image.Image, config: VisionConfig) -> np.ndarray:
     return (pixels - mean) / std
 
 
+class SlowLlamaEncoder:
+    """Ids as the original's tokenizer gives them: transformers' slow `LlamaTokenizer` (it loads the
+    tokenizer with use_fast=False) on the checkpoint's SentencePiece `tokenizer.model`.
+
+    transformers 5 has only the tokenizers-based LlamaTokenizer, whose Metaspace step adds no "▁"
+    to text that already starts with a space, e.g. the piece after `<image>` or `</s>` in
+    "<image> What is it?": one id fewer than the original there. This follows the slow one: split
+    at the added tokens (`<s>`, `</s>`, ...), SentencePiece on the text between them; with
+    `legacy` False the dummy prefix only starts the whole text.
+    """
+
+    def __init__(self, model_file: Path, special_tokens: dict, unk_token: str, bos_id: Optional[int],
+                 eos_id: Optional[int] = None, legacy: bool = True):
+        import sentencepiece as spm
+
+        proto = Path(model_file).read_bytes()
+        if not legacy:  # like the slow tokenizer: no dummy prefix from SentencePiece, "▁" added by hand
+            from sentencepiece import sentencepiece_model_pb2
+
+            model = sentencepiece_model_pb2.ModelProto()
+            model.ParseFromString(proto)
+            model.normalizer_spec.add_dummy_prefix = False
+            proto = model.SerializeToString()
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.special_tokens = dict(special_tokens)
+        self.unk_token = unk_token
+        self.unk_length = len(self.sp.encode(unk_token))
+        self.bos_id, self.eos_id, self.legacy = bos_id, eos_id, legacy
+        names = sorted(self.special_tokens, key=len, reverse=True)
+        self.split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self.legacy or not text.startswith(("\u2581", " ")):
+            return self.sp.encode(text)
+        ids = self.sp.encode(self.unk_token + text)  # keeps the leading "▁" SentencePiece would drop
+        return ids[self.unk_length :] if len(ids) >= self.unk_length else ids
+
+    def encode(self, text: str) -> list[int]:
+        if not self.legacy and text:
+            text = "\u2581" + text.replace("\u2581", " ")
+        pieces = [p for p in (self.split.split(text) if self.split else [text]) if p]
+        if not self.legacy and len(pieces) > 1 and pieces[0] == "\u2581" and pieces[1] in self.special_tokens:
+            pieces = pieces[1:]
+        ids = [] if self.bos_id is None else [self.bos_id]
+        for piece in pieces:
+            ids += [self.special_tokens[piece]] if piece in self.special_tokens else self._encode_text(piece)
+        return ids if self.eos_id is None else ids + [self.eos_id]
+
+
 class Processor:
     """Turns images and prompt text into the model's inputs; holds the tokenizer (mlx-lm's wrapper)."""
 
-    def __init__(self, tokenizer, args: ModelArgs):
+    def __init__(self, tokenizer, args: ModelArgs, encoder: Optional[SlowLlamaEncoder] = None):
         self.tokenizer = tokenizer
         self.args = args
         self.vision_config = args.vision_config
+        self.encoder = encoder  # the original's slow tokenizer when there is a tokenizer.model
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` with the tokenizer's BOS, as the original's tokenizer gives them."""
+        return self.encoder.encode(text) if self.encoder is not None else self.tokenizer.encode(text)
 
     @property
     def pad_color(self) -> tuple[int, int, int]:
@@ -142,7 +203,7 @@ class Processor:
     def tokenize(self, prompt: str) -> list[int]:
         """Prompt ids with IMAGE_TOKEN_INDEX where each `<image>` stands (the original's splice)."""
         bos = self.tokenizer.bos_token_id
-        chunks = [self.tokenizer.encode(chunk) for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+        chunks = [self.encode(chunk) for chunk in prompt.split(IMAGE_PLACEHOLDER)]
         skip = 1 if chunks[0] and chunks[0][0] == bos else 0
         ids = [bos] if skip else []
         for i, chunk in enumerate(chunks):

@@ -1,11 +1,16 @@
 import os
+import sys
+from pathlib import Path
 
-import pytest
+# Before anything imports huggingface_hub, which reads it once: tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Subprocess tests run `cumo-mlx` as a user would, also when the venv is not activated (as in CI).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
-import cumo_mlx  # noqa: F401  (loads the optimized BLAS before anything imports mlx)
-from tiny_models import tiny_config, write_mlx_model
+import pytest  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+import cumo_mlx  # noqa: E402,F401  (loads the optimized BLAS before anything imports mlx)
+from tiny_models import tiny_config, write_mlx_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
