@@ -6,6 +6,7 @@ tokenizer files. Weight loading, quantized-layer rebuilding and sharded saving a
 """
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,7 +20,7 @@ from mlx_lm.utils import save_model
 from .config import ModelArgs, load_config
 from .errors import CheckpointError, CuMoError
 from .model import Model
-from .processor import Processor
+from .processor import Processor, SlowLlamaEncoder
 
 DEMO_PATH = Path(__file__).parent / "demo"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -35,9 +36,11 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
         if not path.is_dir():
             raise CuMoError(f"{name} is a file, not a model directory", "give the directory holding config.json")
         return path
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    from .hub import is_hub_id, resolve_hub_model
+
+    if name.startswith((".", "/", "~")) or not is_hub_id(name):
         raise CuMoError(f"model directory not found: {name}", "check the path, or give a hub id like shi-labs/CuMo-mistral-7b")
-    raise CuMoError(f"{name} is not a local model directory", f"convert it first: cumo-mlx convert --hf-path {name} --mlx-path <dir>")
+    return resolve_hub_model(name)  # downloaded, and converted once into a cache directory
 
 
 def compute_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
@@ -80,11 +83,40 @@ def load_model(model_path: Path, lazy: bool = False, dtype: Optional[str] = None
 def load_processor(model_path: Path, args: ModelArgs) -> Processor:
     if not any((model_path / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"no tokenizer files in {model_path}", "copy tokenizer.model or tokenizer.json into it")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "You are using a model of type llava_mistral to instantiate ..."
     try:
-        tokenizer = load_tokenizer(model_path)
+        with warnings.catch_warnings():  # FutureWarning on the config's rope_scaling, etc.
+            warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
+            warnings.simplefilter("ignore", FutureWarning)
+            tokenizer = load_tokenizer(model_path)
+            encoder = _slow_llama_encoder(model_path, tokenizer)
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {model_path}: {e}", "check the tokenizer files") from None
-    return Processor(tokenizer, args)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return Processor(tokenizer, args, encoder)
+
+
+def _slow_llama_encoder(model_path: Path, tokenizer) -> Optional[SlowLlamaEncoder]:
+    """The original's slow Llama tokenizer on `tokenizer.model`, when the checkpoint has one."""
+    model_file = model_path / "tokenizer.model"
+    if not model_file.exists():
+        return None
+    config_file = model_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    if config.get("tokenizer_class", "LlamaTokenizer") not in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        return None
+    return SlowLlamaEncoder(
+        model_file,
+        special_tokens=tokenizer.added_tokens_encoder,
+        unk_token=str(tokenizer.unk_token),
+        bos_id=tokenizer.bos_token_id if config.get("add_bos_token", True) else None,
+        eos_id=tokenizer.eos_token_id if config.get("add_eos_token", False) else None,
+        legacy=config.get("legacy") is not False,  # the slow tokenizer's default (None) is legacy
+    )
 
 
 def load(

@@ -1,0 +1,96 @@
+"""`cumo-mlx convert`: a PyTorch CuMo checkpoint (hub id or directory) to an MLX model directory."""
+
+import shlex
+import sys
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--hf-path",
+    "--model",
+    "hf_path",
+    required=True,
+    help="Hub id (e.g. shi-labs/CuMo-mistral-7b) or local checkpoint directory.",
+)
+@click.option(
+    "--mlx-path", default="mlx_model", show_default=True, help="Output directory (must not exist unless --force)."
+)
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the LLM (linears, embedding, Mixtral experts).")
+@click.option(
+    "--q-bits",
+    type=click.Choice(["2", "3", "4", "6", "8"]),
+    default="4",
+    show_default=True,
+    help="Bits per weight when quantizing.",
+)
+@click.option(
+    "--q-group-size",
+    type=click.Choice(["32", "64", "128"]),
+    default="64",
+    show_default=True,
+    help="Quantization group size.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default=None,
+    help="Dtype of the float weights. Default: config.json's torch_dtype, else the checkpoint's own.",
+)
+@click.option("--upload-repo", default=None, help="Hub repo to upload the converted model to.")
+@click.option("--revision", default=None, help="Branch, tag or commit of the hub checkpoint.")
+@click.option(
+    "--vision-tower",
+    default=None,
+    metavar="PATH_OR_ID",
+    help="CLIP directory or hub id overriding config.json's mm_vision_tower.",
+)
+@click.option(
+    "--quantize-vision", is_flag=True, help="Quantize the vision tower and connector too (default: kept as floats)."
+)
+@click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def convert(
+    hf_path,
+    mlx_path,
+    quantize,
+    q_bits,
+    q_group_size,
+    dtype,
+    upload_repo,
+    revision,
+    vision_tower,
+    quantize_vision,
+    force,
+    no_progress,
+):
+    """Convert an original CuMo checkpoint (safetensors or .bin) to MLX, optionally quantized.
+
+    Routers (CLIP, connector, Mixtral) are never quantized; the vision tower and connector are
+    kept as floats unless --quantize-vision; layers whose input size is not a multiple of the
+    group size stay unquantized. Writing is atomic: DST appears only when complete.
+    """
+    from cumo_mlx.convert.convert import convert as run
+
+    command = (
+        "cumo-mlx " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--debug")
+        if sys.argv[1:2] == ["convert"]
+        else None
+    )
+    summary = run(
+        hf_path,
+        mlx_path,
+        quantize=quantize,
+        q_bits=int(q_bits),
+        q_group_size=int(q_group_size),
+        dtype=dtype,
+        upload_repo=upload_repo,
+        revision=revision,
+        vision_tower=vision_tower,
+        quantize_vision=quantize_vision,
+        force=force,
+        progress=not no_progress,
+        command=command,
+    )
+    click.echo(summary.line())

@@ -1,0 +1,196 @@
+"""The Hugging Face Hub: downloading original checkpoints, and converting hub ids on first use.
+
+`cumo_mlx.load("shi-labs/CuMo-mistral-7b")` (and every `--model`) comes here: a repo already in
+MLX layout (its config.json embeds `vision_config`) is downloaded and used as is; an original
+PyTorch checkpoint is downloaded and converted once, 4-bit by default, into a cache directory
+that later loads reuse:
+
+    $CUMO_MLX_CACHE, else $HF_HOME/cumo-mlx, else ~/.cache/cumo-mlx
+        <owner>--<name>-4bit/            (revision-pinned: <owner>--<name>@<revision>-4bit)
+
+Downloads go through huggingface_hub, so HF_HOME, HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE apply.
+Offline, a checkpoint already in the hub cache is still converted; one that is not is a clear
+CuMoError.
+"""
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .errors import CheckpointError, CuMoError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_BITS = 4
+# Besides the weights: what a conversion reads.
+META_FILES = [
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+]
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and ".." not in name
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return bool(constants.HF_HUB_OFFLINE) or value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_error(repo_id: str, revision: Optional[str], error: Exception) -> CuMoError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(error, GatedRepoError):
+        return CuMoError(
+            f"hub repository {repo_id} is gated", "accept its terms on huggingface.co and log in with `hf auth login`"
+        )
+    if isinstance(error, RepositoryNotFoundError):
+        return CuMoError(
+            f"hub repository {repo_id} not found", "check the id; for a private repo log in with `hf auth login`"
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return CuMoError(f"revision '{revision}' not found in hub repository {repo_id}", "check --revision")
+    if isinstance(error, HFValidationError):
+        return CuMoError(
+            f"{repo_id} is not a valid hub id", "give a local directory or a hub id like shi-labs/CuMo-mistral-7b"
+        )
+    if isinstance(error, LocalEntryNotFoundError) or _offline():
+        return CuMoError(
+            f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached"
+            + (" (HF_HUB_OFFLINE is set)" if _offline() else ""),
+            "connect to the network, or download it first and convert the local copy",
+        )
+    return CuMoError(
+        f"cannot download {repo_id} from the hub: {type(error).__name__}: {error}"[:300],
+        "check your network and the hub id",
+    )
+
+
+def _snapshot(repo_id: str, revision: Optional[str], allow_patterns: Optional[list], progress: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    if not progress:
+        disable_progress_bars()
+    try:
+        if _offline():
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    finally:
+        if not progress:
+            enable_progress_bars()
+
+
+def download_checkpoint(repo_id: str, revision: Optional[str] = None, progress: bool = True) -> Path:
+    """The local snapshot of an original checkpoint: config, tokenizer and weights, nothing else."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from .convert.checkpoint import select_weight_files
+
+    try:
+        if _offline():
+            return _snapshot(repo_id, revision, None, progress)
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+
+        def read_index(name: str) -> dict:
+            with open(hf_hub_download(repo_id, name, revision=revision), encoding="utf-8") as f:
+                return json.load(f)["weight_map"]
+
+        weights = select_weight_files(files, read_index)
+        if not weights:
+            raise CheckpointError(
+                f"hub repository {repo_id} holds no weights (*.safetensors or pytorch_model*.bin)", "check the hub id"
+            )
+        return _snapshot(repo_id, revision, weights + META_FILES, progress)
+    except CuMoError:
+        raise
+    except Exception as e:
+        raise _hub_error(repo_id, revision, e) from None
+
+
+def cache_root() -> Path:
+    if os.environ.get("CUMO_MLX_CACHE"):
+        return Path(os.environ["CUMO_MLX_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "cumo-mlx"
+    return Path("~/.cache/cumo-mlx").expanduser()
+
+
+def converted_path(repo_id: str, revision: Optional[str] = None, bits: int = DEFAULT_BITS) -> Path:
+    owner, name = repo_id.split("/")
+    pin = f"@{re.sub(r'[^A-Za-z0-9_.-]', '_', revision)}" if revision else ""
+    return cache_root() / f"{owner}--{name}{pin}-{bits}bit"
+
+
+def _is_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[bool]:
+    """Whether the hub repo is already in MLX layout (None when its config cannot be read)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=_offline())
+        with open(path, encoding="utf-8") as f:
+            return "vision_config" in json.load(f)
+    except Exception:
+        return None
+
+
+def resolve_hub_model(
+    repo_id: str, revision: Optional[str] = None, bits: int = DEFAULT_BITS, progress: bool = True
+) -> Path:
+    """An MLX model directory for a hub id: the repo itself if in MLX layout, else a cached conversion."""
+    target = converted_path(repo_id, revision, bits)
+    if (target / "config.json").is_file():
+        return target
+    if _is_mlx_repo(repo_id, revision):
+        try:
+            return _snapshot(repo_id, revision, None, progress)
+        except Exception as e:
+            raise _hub_error(repo_id, revision, e) from None
+    from .convert.convert import convert
+
+    if progress:
+        print(f"{repo_id}: converting to MLX ({bits}-bit) into {target} (once; later loads reuse it)", file=sys.stderr)
+    try:
+        summary = convert(repo_id, str(target), quantize=True, q_bits=bits, revision=revision, progress=progress)
+    except CuMoError:
+        if (target / "config.json").is_file():  # another process finished the same conversion first
+            return target
+        raise
+    if progress:
+        print(summary.line(), file=sys.stderr)
+    return target
+
+
+def upload(path: Path, repo_id: str) -> None:
+    """Upload a converted model directory to the hub (creating the repo if needed)."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id=repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(path), repo_id=repo_id, repo_type="model")
+    except Exception as e:
+        raise CuMoError(
+            f"upload to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+            f"the converted model is in {path}; log in with `hf auth login` and retry: hf upload {repo_id} {path}",
+        ) from None
+    print(f"uploaded to https://huggingface.co/{repo_id}", file=sys.stderr)
