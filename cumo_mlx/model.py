@@ -55,6 +55,19 @@ class Model(nn.Module):
         pieces.append(embeddings[start:])
         return mx.concatenate(pieces)
 
+    def embed_batch(self, tokens: mx.array, image_rows: mx.array, image_features: Optional[mx.array]) -> mx.array:
+        """Embeddings [B, L, hidden] of a padded batch with the images already laid out.
+
+        tokens [B, L]: token ids (any valid id where an image row goes); image_rows [B, L]: the row of
+        `image_features` flattened to [images * patches, hidden] that goes at each position, -1 for
+        a token. The layout (splice, truncation, padding) is computed on the host by the data code.
+        """
+        embeddings = self.language_model.model.embed_tokens(tokens)
+        if image_features is None:
+            return embeddings
+        rows = image_features.reshape(-1, image_features.shape[-1]).astype(embeddings.dtype)
+        return mx.where((image_rows >= 0)[..., None], rows[mx.maximum(image_rows, 0)], embeddings)
+
     def __call__(self, input_ids: Sequence[int], pixels: Optional[mx.array] = None, cache=None) -> mx.array:
         """Logits [1, L', vocab] for one prompt (ids with image placeholders) and its images."""
         image_features = None if pixels is None else self.encode_images(pixels).features
