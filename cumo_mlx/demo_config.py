@@ -1,0 +1,210 @@
+"""The tiny demo CuMo: its config, its tokenizer, and a randomly initialised starting checkpoint.
+
+The demo is trained from scratch on the synthetic shapes dataset (`cumo_mlx.shapes`) by the
+three-stage recipe in `benchmarks/demo_recipe.py`. Sizes are chosen for a 2-core CPU:
+
+- vision: CLIP ViT, 96 px images, 12 px patches (8x8 = 64 patches), width 96, MLP 384, 3 layers
+  (the features are the state entering the last layer, so 2 run at inference), S2 scales [1, 2];
+- connector: `mlp2x_gelu` (dense stages), `smoe_mlp` with 4 experts, top-2, after upcycling;
+- LLM: Mistral, width 128, 4 layers, 4 heads (2 KV heads), SwiGLU 384;
+- tokenizer: a byte-fallback BPE built here for the dataset's vocabulary and the templates.
+
+`demo_config(moe=False)` is the dense model of stages 1-2; `demo_config(moe=True)` is what
+`cumo-mlx upcycle --num-experts 4 --top-k 2` makes of it (CLIP-MoE and MoE connector).
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from . import shapes
+from .templates import IMAGE_PLACEHOLDER, chat_prompt, plain_prompt
+
+NUM_EXPERTS, TOP_K = 4, 2
+IMAGE_SIZE, PATCH_SIZE = 96, 12
+SCALES = [1, 2]
+
+DEMO_VISION = {
+    "hidden_size": 96,
+    "intermediate_size": 384,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "patch_size": PATCH_SIZE,
+    "image_size": IMAGE_SIZE,
+    "shortest_edge": IMAGE_SIZE,
+    "crop_size": IMAGE_SIZE,
+    "num_channels": 3,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+
+DEMO_TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 1024,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+}
+
+# Special tokens as in Llama/Mistral; 256 byte tokens follow them, then the learned pieces.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
+MAX_LENGTH = 512
+
+
+def demo_config(moe: bool = False, vocab_size: Optional[int] = None) -> dict:
+    """The demo's config.json (flat CuMo layout with `vision_config` embedded).
+
+    moe=False: dense CLIP and `mlp2x_gelu` connector (stages 1-2); moe=True: the upcycled model
+    (CLIP-MoE and `smoe_mlp`, 4 experts, top-2). `vocab_size` defaults to the demo tokenizer's.
+    """
+    if vocab_size is None:
+        vocab_size = tokenizer_vocab_size()
+    return {
+        "model_type": "llava_mistral",
+        "architectures": ["LlavaMistralForCausalLM"],
+        **DEMO_TEXT,
+        "vocab_size": vocab_size,
+        "mm_vision_tower": "cumo-demo-clip",
+        "vision_config": dict(DEMO_VISION),
+        "mm_hidden_size": DEMO_VISION["hidden_size"],
+        "scales": list(SCALES),
+        "mm_projector_type": "smoe_mlp" if moe else "mlp2x_gelu",
+        "mlp_smoe": moe,
+        "clip_smoe": moe,
+        "num_experts": NUM_EXPERTS,
+        "num_selected": TOP_K,
+        "image_aspect_ratio": "pad",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "flat",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "balance_loss_coef": 0.1,
+        "router_z_loss_coef": 0.01,
+        "tokenizer_model_max_length": MAX_LENGTH,
+        "tokenizer_padding_side": "right",
+    }
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+
+
+def tokenizer_corpus() -> list[str]:
+    """The text pieces the tokenizer will see: prompts in both templates, cut at `<image>` (as
+    the Processor does) and at special tokens (as the tokenizer does before normalizing)."""
+    split = re.compile("|".join(re.escape(t) for t in (IMAGE_PLACEHOLDER, *SPECIAL_TOKENS)))
+    pieces = []
+    for text in shapes.vocabulary_texts():
+        question = f"{IMAGE_PLACEHOLDER}\n{text}"
+        for prompt in (
+            chat_prompt([question, "yes", text, text]),  # first and later turns, answers
+            plain_prompt(text),
+        ):
+            pieces.extend(p for p in split.split(prompt) if p)
+    return pieces
+
+
+def _pipeline():
+    """Normalizer, pre-tokenizer and decoder shared by training and the saved tokenizer.
+
+    Llama-style: a leading "▁" and spaces as "▁" (normalizer), Llama's decoder (so mlx-lm picks its
+    SentencePiece streaming detokenizer). Words are split at "▁", newlines and punctuation.
+    """
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("▁[^▁\\n?.,!']*|\\n|[?.,!']|[^▁\\n?.,!']+"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return normalizer, pre_tokenizer, decoder
+
+
+def build_tokenizer():
+    """The demo tokenizer (a `tokenizers.Tokenizer`), built deterministically.
+
+    Ids: <unk> 0, <s> 1, </s> 2, the 256 byte-fallback tokens <0x00>..<0xFF> 3-258 (any text
+    encodes), then BPE pieces learned on `tokenizer_corpus()` until every word is one piece.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, processors, trainers
+
+    normalizer, pre_tokenizer, decoder = _pipeline()
+    trainer_model = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_model.normalizer = normalizer
+    trainer_model.pre_tokenizer = pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    trainer_model.train_from_iterator(tokenizer_corpus(), trainer)
+    trained = json.loads(trainer_model.to_str())["model"]
+    learned = sorted((i, t) for t, i in trained["vocab"].items() if t not in SPECIAL_TOKENS)
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
+    for _, token in learned:
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoder
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return tokenizer
+
+
+def tokenizer_vocab_size() -> int:
+    return build_tokenizer().get_vocab_size()
+
+
+def write_tokenizer(directory: Path) -> Path:
+    """Save the demo tokenizer as tokenizer.json + tokenizer_config.json + special_tokens_map.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    build_tokenizer().save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MAX_LENGTH,
+        "padding_side": "right",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return directory
+
+
+def write_initial_model(directory: Path, moe: bool = False, seed: int = 0) -> Path:
+    """A randomly initialised demo model in MLX layout (float32) with the demo tokenizer: the
+    starting point of `cumo-mlx train --stage pretrain`."""
+    import mlx.core as mx
+
+    from .config import ModelArgs
+    from .loader import save
+    from .model import Model
+
+    directory = write_tokenizer(directory)
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(demo_config(moe=moe)))
+    mx.eval(model.parameters())
+    save(directory, model, extra_config={"tokenizer_padding_side": "right"})
+    return directory
