@@ -1,10 +1,8 @@
 """`cumo-mlx chat`: a multi-turn conversation about images, one KV cache across turns."""
 
-import sys
-
 import click
 
-from .generate import generation_options, model_options, start
+from .generate import generation_options, model_options, start, text_stdin
 
 HELP = "Type a message. /image PATH adds an image to your next message, /reset starts over, /exit quits."
 
@@ -39,7 +37,7 @@ def chat(model, images, system, seed, verbose, **options):
     session = ChatSession(model, processor, system, max_kv_size=options["max_kv_size"])
     for picture in pictures:
         session.add_image(picture)
-    interactive = sys.stdin.isatty()
+    interactive = text_stdin().isatty()
     if interactive:
         click.echo(HELP, err=True)
 

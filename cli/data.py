@@ -39,6 +39,8 @@ def shapes(out: Path, count: int, seed: int, multi_turn: float, max_turns: int, 
     """
     from cumo_mlx.shapes import write_dataset
 
+    if not 0 <= multi_turn <= 1:  # FloatRange lets nan through
+        raise CuMoError(f"--multi-turn must be in [0, 1], got {multi_turn}", "give a share between 0 and 1")
     if out.exists() and not out.is_dir():
         raise CuMoError(f"--out {out} is a file", "give a folder")
     try:

@@ -12,11 +12,12 @@ import click
 @click.option("--dequantize", is_flag=True, help="Write a float model even when the base is quantized.")
 def fuse(model, adapter_path, mlx_path, dequantize):
     """Write base model + adapters as one model directory that every command loads."""
-    from cumo_mlx.loader import load_model, resolve_model_path, save
+    from cumo_mlx.loader import check_output, load_model, resolve_model_path, save
     from cumo_mlx.lora import fuse as fuse_model
     from cumo_mlx.lora import load_adapters, stored_dtype
 
     base = resolve_model_path(model)
+    check_output(mlx_path, base, adapter_path)
     fused, _ = load_model(base, dtype=stored_dtype(base))
     load_adapters(fused, adapter_path)
     fuse_model(fused, dequantize_all=dequantize)

@@ -4,6 +4,7 @@ The flags are mlx-lm's (`mlx_lm.generate`); the options shared with `cumo-mlx ch
 """
 
 import json
+import sys
 
 import click
 
@@ -52,7 +53,7 @@ def generation_options(f):
         click.option("--repetition-penalty", type=float, default=None, help="Penalty (> 0) for repeating tokens."),
         click.option("--repetition-context-size", type=int, default=20, show_default=True,
                      help="Tokens the repetition penalty looks back on."),  # fmt: skip
-        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed for sampling."),
         click.option("--max-kv-size", type=int, default=None, help="Keep at most this many tokens in the KV cache."),
         click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (1-6, 8)."),
         click.option("--kv-group-size", type=int, default=64, show_default=True, help="Group size of KV quantization."),
@@ -72,17 +73,26 @@ def start(model: str, system, seed, options: dict):
 
     import cumo_mlx
     from cumo_mlx.generate import check_generation_args
+    from cumo_mlx.processor import check_text
 
     check_generation_args(None, **options)  # before the (slow) load; the head size is checked later
+    check_text(system or "")
     if seed is not None:
         mx.random.seed(seed)
     model, processor = cumo_mlx.load(model)
     return model, processor, DEFAULT_SYSTEM if system is None else system
 
 
+def text_stdin():
+    """Standard input, its undecodable bytes kept (as surrogates) for the text checks to report."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    return sys.stdin
+
+
 def read_prompt(prompt):
     if prompt == "-":
-        return click.get_text_stream("stdin").read()
+        return text_stdin().read()
     if prompt is None:
         from cumo_mlx.errors import CuMoError
 

@@ -1,9 +1,10 @@
 """`cumo-mlx`: the command group and the one error style every command shares.
 
-Errors a user can fix print one line, `error: <what is wrong> (<what to do>)`, and exit with 2;
-anything else is an internal failure (exit 1). `--debug` anywhere on the line shows the traceback.
+Errors a user can fix (a full disk and a refused permission too) print one line,
+`error: <what is wrong> (<what to do>)`, and exit with 2; anything else is an internal failure (exit 1). `--debug` anywhere on the line shows the traceback.
 """
 
+import errno
 import importlib
 import os
 import sys
@@ -12,6 +13,18 @@ import traceback
 import click
 
 from cumo_mlx.errors import CuMoError
+
+# OS errors that come from the user's environment (disk, permissions, paths), not from a bug.
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some disk space",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.EROFS: "choose a writable place",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
 
 # Subcommands load their modules only when run, so `cumo-mlx --help` stays fast.
 COMMANDS = {
@@ -44,6 +57,7 @@ def cli():
 
 
 def report(message: str, code: int) -> int:
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # one line, always
     click.echo(f"error: {message}", err=True)
     return code
 
@@ -70,9 +84,12 @@ def main(argv=None) -> int:
         return report(str(e), e.exit_code)
     except BrokenPipeError:
         return 0
-    except Exception as e:  # an internal failure, not the user's input
+    except Exception as e:  # the environment (disk, permissions), else an internal failure
         if debug:
             traceback.print_exc()
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRORS:
+            where = f"{e.filename}: " if e.filename else ""
+            return report(f"{where}{e.strerror} ({ENVIRONMENT_ERRORS[e.errno]})", 2)
         return report(
             f"internal error: {type(e).__name__}: {e} (rerun with --debug and report the traceback)",
             1,

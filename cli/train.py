@@ -67,7 +67,7 @@ def load_config_file(ctx: click.Context, param, value):
 
     try:
         data = yaml.safe_load(Path(value).read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise CuMoError(f"cannot read the config file {value}: {e}", "give a YAML file of option: value lines") from None
     if data is None:
         return value
@@ -85,7 +85,10 @@ def load_config_file(ctx: click.Context, param, value):
             if "scale" in item and "alpha" not in item:
                 if rank is None:
                     raise CuMoError(f"{value}: lora_parameters.scale needs lora_parameters.rank", "add rank, or give alpha")
-                defaults["lora_alpha"] = float(item["scale"]) * float(rank)
+                try:
+                    defaults["lora_alpha"] = float(item["scale"]) * float(rank)
+                except (TypeError, ValueError):
+                    raise CuMoError(f"{value}: lora_parameters.scale and rank must be numbers", "fix the config file") from None
         elif key in known:
             defaults[key] = item
         else:
@@ -110,8 +113,9 @@ def training_options(command):
             required = field.default is MISSING
             if not required and field.default is not None and "[default" not in help_text:
                 help_text += f" [default: {field.default}]"
+            default = {} if required else {"default": None}  # click counts an explicit None as given
             option = click.option(
-                flag, *ALIASES.get(field.name, []), field.name, type=_param_type(field), default=None, required=required, help=help_text
+                flag, *ALIASES.get(field.name, []), field.name, type=_param_type(field), required=required, help=help_text, **default
             )
         command = option(command)
     return click.option(

@@ -95,9 +95,21 @@ def _read_index(path: Path) -> dict:
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map must map names to file names")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"cannot read the index {path}: {e}", "re-download the checkpoint") from None
     return weight_map
+
+
+def _files_of_index(index_name: str, weight_map: dict) -> list[str]:
+    """The weight files an index names: plain file names in the checkpoint directory, nothing else."""
+    files = sorted(set(weight_map.values()))
+    outside = [name for name in files if name != Path(name).name or name in ("", ".", "..") or "\\" in name]
+    if outside:
+        raise CheckpointError(
+            f"{index_name} names weight files outside the checkpoint directory: {_list(outside)}",
+            "re-download the checkpoint; an index may only name files beside it",
+        )
+    return files
 
 
 def select_weight_files(names: Iterable[str], read_index: Optional[Callable[[str], dict]] = None) -> list[str]:
@@ -111,11 +123,11 @@ def select_weight_files(names: Iterable[str], read_index: Optional[Callable[[str
     safetensors = [n for n in names if n.endswith(".safetensors")]
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) and not is_training_artefact(n)]
     if SAFETENSORS_INDEX in present and read_index is not None:
-        safetensors = sorted(set(read_index(SAFETENSORS_INDEX).values()))
+        safetensors = _files_of_index(SAFETENSORS_INDEX, read_index(SAFETENSORS_INDEX))
     if safetensors:  # pickles beside safetensors are the same weights in the other format
         return safetensors
     if PICKLE_INDEX in present and read_index is not None:
-        return sorted(set(read_index(PICKLE_INDEX).values()))
+        return _files_of_index(PICKLE_INDEX, read_index(PICKLE_INDEX))
     return pickles
 
 
@@ -156,7 +168,7 @@ def read_safetensors(path: Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(header_len).decode("utf-8"))
     except CheckpointError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"cannot read the safetensors header of {path}: {e}", "re-download the file") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has an invalid safetensors header", "re-download the file")
@@ -169,7 +181,7 @@ def read_safetensors(path: Path) -> dict[str, TensorEntry]:
             dtype = info["dtype"]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
+        except (TypeError, KeyError, ValueError, OverflowError):
             raise CheckpointError(f"{path}: invalid header entry for '{name}'", "re-download the file") from None
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
@@ -264,6 +276,10 @@ def _read_pickle_with_torch(torch, path: Path) -> dict[str, TensorEntry]:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise CheckpointError(
                 f"{path}: '{name}' is a {type(tensor).__name__}, not a tensor", "give a state dict of tensors"
+            )
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise CheckpointError(  # a broadcast view: reading it would take more memory than the file
+                f"{path}: tensor '{name}' has more elements than its storage", "the file is damaged; re-download it"
             )
         dtype = _TORCH_DTYPES.get(str(tensor.dtype))
         if dtype is None:

@@ -355,9 +355,13 @@ class ShardWriter:
         return sum(path.stat().st_size for path in self.files)
 
     def close(self):
+        """Close the shards of a failed conversion (they are removed after)."""
         for handle in self._handles:
             if not handle.closed:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:  # a full disk: flushing what is buffered fails too
+                    pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,8 +417,8 @@ def resolve_source(hf_path: str, revision: Optional[str], progress: bool) -> tup
     """A local checkpoint directory for `hf_path`, and the hub id when it came from the hub."""
     from cumo_mlx import hub
 
-    path = Path(hf_path).expanduser()
-    if path.exists():
+    path = Path(os.path.expanduser(hf_path))  # (Path.expanduser raises for "~nobody")
+    if os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
         if not path.is_dir():
             raise CuMoError(
                 f"{hf_path} is a file, not a checkpoint directory", "give the directory holding config.json"
@@ -580,7 +584,7 @@ def convert(
         raise CuMoError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}", "pick a supported dtype")
     if quantize_vision and not quantize:
         raise CuMoError("--quantize-vision needs --quantize", "add -q")
-    dst = Path(mlx_path).expanduser().absolute()
+    dst = Path(os.path.expanduser(mlx_path)).absolute()
     _check_destination(dst, force)
 
     src, repo_id = resolve_source(str(hf_path), revision, progress)

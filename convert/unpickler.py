@@ -19,6 +19,7 @@ storage.
 import _compat_pickle
 import collections
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -120,6 +121,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> Pickled
     size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
     if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise pickle.UnpicklingError(f"invalid tensor size {size} / stride {stride}")
+    if math.prod(size) > storage.numel:  # a broadcast view: reading it would take more memory than the file
+        raise pickle.UnpicklingError(f"tensor of size {size} has more elements than its storage ({storage.numel})")
     if all(size):  # a non-empty tensor: its last element must lie inside the storage
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= storage.numel:
@@ -217,6 +220,16 @@ class _ZipStorageReader:
         self.big_endian = big_endian
 
     def __call__(self, storage: Storage) -> np.ndarray:
+        try:
+            return self._read(storage)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a damaged archive (zip headers, compressed data)
+            raise CheckpointError(
+                f"{self.path}: cannot read storage '{storage.key}': {type(e).__name__}: {e}"[:400], "re-download the file"
+            ) from None
+
+    def _read(self, storage: Storage) -> np.ndarray:
         member = f"{self.prefix}data/{storage.key}"
         try:
             info = self.archive.getinfo(member)
@@ -247,21 +260,36 @@ class _ZipStorageReader:
                 )
             array = np.memmap(self.path, dtype=dtype, mode="r", offset=data_offset, shape=(storage.numel,))
         else:
-            array = np.frombuffer(self.archive.read(member)[:needed], dtype=dtype)
+            with self.archive.open(member) as f:  # no more than the storage holds (a zip bomb holds more)
+                array = np.frombuffer(f.read(needed), dtype=dtype)
         return array.astype(dtype.newbyteorder("<")) if self.big_endian else array
 
 
 def load_torch_zip(path: Path) -> dict[str, PickledTensor]:
     """The tensors of a torch zip checkpoint, read by the restricted unpickler (torch not needed)."""
     path = Path(path)
-    where = str(path)
     if not zipfile.is_zipfile(path):
         _refuse_non_zip(path)
     try:
-        archive = zipfile.ZipFile(path)
-        pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}", "re-download the file") from None
+        state = _unwrap_state_dict(_load_zip_pickle(path), str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:  # nothing here runs the file's code: any other error is a damaged file
+        raise CheckpointError(
+            f"cannot read {path}: {type(e).__name__}: {e}"[:400], "the file is damaged or not a state dict"
+        ) from None
+    for name, value in state.items():
+        if not isinstance(value, PickledTensor):
+            raise CheckpointError(
+                f"{path}: '{name}' is a {type(value).__name__}, not a tensor", "give a state dict of tensors"
+            )
+    return dict(state)
+
+
+def _load_zip_pickle(path: Path):
+    """The object a torch zip archive's data.pkl holds, its storages bound to the archive's members."""
+    archive = zipfile.ZipFile(path)
+    pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") == 1]
     if len(pickles) != 1:
         raise CheckpointError(
             f"{path} is a zip file but not a PyTorch checkpoint (no data.pkl)", "give a torch.save file"
@@ -273,31 +301,7 @@ def load_torch_zip(path: Path) -> dict[str, PickledTensor]:
     if byteorder not in ("little", "big"):
         raise CheckpointError(f"{path}: unknown byte order '{byteorder}'", "re-save the checkpoint")
     reader = _ZipStorageReader(path, archive, prefix, byteorder == "big")
-    try:
-        data = archive.read(pickles[0])
-        obj = RestrictedUnpickler(io.BytesIO(data), reader, where).load()
-    except CheckpointError:
-        raise
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        IndexError,
-        KeyError,
-        zipfile.BadZipFile,
-    ) as e:
-        raise CheckpointError(
-            f"cannot read {path}: {type(e).__name__}: {e}", "the file is damaged or not a state dict"
-        ) from None
-    state = _unwrap_state_dict(obj, where)
-    for name, value in state.items():
-        if not isinstance(value, PickledTensor):
-            raise CheckpointError(
-                f"{path}: '{name}' is a {type(value).__name__}, not a tensor", "give a state dict of tensors"
-            )
-    return dict(state)
+    return RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), reader, str(path)).load()
 
 
 def _refuse_non_zip(path: Path):

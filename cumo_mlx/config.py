@@ -53,6 +53,13 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def _check_positive(where: str, **values: int) -> None:
+    """Sizes must be at least 1 (0 or negative ones divide by zero or build empty layers later)."""
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{where} field '{name}' must be at least 1, got {value}", "fix config.json")
+
+
 def from_dict(cls, params: dict, where: str = "config"):
     """Build dataclass `cls` from `params`, type-checking the fields it knows and ignoring the rest."""
     if not isinstance(params, dict):
@@ -87,6 +94,12 @@ class VisionConfig:
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
 
     def __post_init__(self):
+        _check_positive(
+            "the vision config", hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            patch_size=self.patch_size, image_size=self.image_size, num_channels=self.num_channels,
+            shortest_edge=self.shortest_edge, crop_size=self.crop_size,
+        )  # fmt: skip
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"vision hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -96,6 +109,12 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}",
+                "fix the vision config",
+            )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
+            raise ConfigError(
+                f"vision image_mean {self.image_mean} and image_std {self.image_std} must be 3 values (RGB), "
+                "the std non-zero",
                 "fix the vision config",
             )
         if self.hidden_act not in ("quick_gelu", "gelu"):
@@ -137,10 +156,22 @@ class TextConfig:
     num_experts_per_tok: Optional[int] = None
 
     def __post_init__(self):
+        _check_positive(
+            "the language model config", hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+        )  # fmt: skip
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        _check_positive("the language model config", num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}",
+                "fix config.json",
+            )
 
     @property
     def is_moe(self) -> bool:
@@ -197,6 +228,10 @@ class ModelArgs:
             )
         if self.image_aspect_ratio not in ("pad", "square"):
             raise ConfigError(f"unsupported image_aspect_ratio '{self.image_aspect_ratio}'", "use pad or square")
+        if self.quantization is not None and not all(
+            type(self.quantization.get(key)) is int and self.quantization[key] > 0 for key in ("group_size", "bits")
+        ):
+            raise ConfigError(f"quantization {self.quantization} lacks a positive group_size or bits", "fix config.json")
         has_moe = self.clip_smoe or self.mm_projector_type == "smoe_mlp"
         if has_moe and not 1 <= self.num_selected <= self.num_experts:
             raise ConfigError(
@@ -218,7 +253,10 @@ class ModelArgs:
         """Read a CuMo config (the original flat layout, with or without an embedded vision_config)."""
         if not isinstance(params, dict):
             raise ConfigError("config.json must hold a JSON object", "fix config.json")
-        text_params = dict(params.get("text_config") or params)
+        text_params = params.get("text_config") or params
+        if not isinstance(text_params, dict):
+            raise ConfigError("text_config must be a JSON object", "fix config.json")
+        text_params = dict(text_params)
         vision = params.get("vision_config")
         if vision is None:
             tower = params.get("mm_vision_tower")
@@ -261,16 +299,23 @@ def load_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"no config.json in {model_dir}", "point at a CuMo model directory")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}", "fix or re-create the file") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a config", "fix or re-create the file") from None
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}", "check the path and its permissions") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object", "fix or re-create the file")
+    return config
 
 
 def vision_config_from_hf(config: dict, preprocessor: Optional[dict]) -> VisionConfig:
     """A VisionConfig from a transformers CLIP config.json (+ preprocessor_config.json, if any)."""
     config = config.get("vision_config", config)  # a full CLIPConfig nests it
+    if not isinstance(config, dict):
+        raise ConfigError("the vision tower's vision_config must be a JSON object", "fix the vision tower directory")
     values = {f.name: config[f.name] for f in dataclasses.fields(VisionConfig) if f.name in config}
     values.setdefault("shortest_edge", values.get("image_size", VisionConfig.image_size))
     values.setdefault("crop_size", values.get("image_size", VisionConfig.image_size))
@@ -292,20 +337,30 @@ def vision_config_from_hf(config: dict, preprocessor: Optional[dict]) -> VisionC
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, RecursionError) as e:
         raise ConfigError(f"cannot read {path}: {e}", "fix the vision tower directory") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object", "fix the vision tower directory")
+    return data
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name longer than paths may be
+        return False
 
 
 def resolve_vision_config(tower: str, base_dir: Optional[Path] = None) -> VisionConfig:
     """Vision config for `mm_vision_tower`: built-in table, local directory, or hub id (in that order)."""
     if tower in BUILTIN_VISION_TOWERS:
         return dataclasses.replace(BUILTIN_VISION_TOWERS[tower])
-    candidates = [Path(tower).expanduser()]
+    candidates = [Path(os.path.expanduser(tower))]  # (Path.expanduser raises for "~nobody")
     if base_dir is not None and not os.path.isabs(tower):
         candidates.insert(0, Path(base_dir) / tower)
     for directory in candidates:
-        if (directory / "config.json").is_file():
+        if _is_file(directory / "config.json"):
             pre = directory / "preprocessor_config.json"
             return vision_config_from_hf(_read_json(directory / "config.json"), _read_json(pre) if pre.is_file() else None)
     return _vision_config_from_hub(tower)

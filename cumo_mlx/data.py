@@ -110,12 +110,15 @@ def read_records(path: Path) -> list:
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}", "check the file") from None
     try:
-        records = json.loads(text)
-    except json.JSONDecodeError as first_error:
-        try:  # JSON Lines
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise DataError(f"{path} is not valid JSON: {first_error}", "fix the file") from None
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as first_error:
+            try:  # JSON Lines
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError:
+                raise DataError(f"{path} is not valid JSON: {first_error}", "fix the file") from None
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply to be a data file", "fix the file") from None
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):
@@ -152,6 +155,10 @@ def check_sample(record: object, index: int, image_folder: Optional[Path], templ
     for turn in conversations:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise BadSample("a turn is not an object with a string 'value'")
+        try:
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape (\ud800-\udfff) in the JSON: tokenizers crash on it
+            raise BadSample("a turn holds a lone surrogate, which is not text") from None
         role = ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
             raise BadSample(f"unknown speaker {turn.get('from')!r} (expected human or gpt)")

@@ -9,6 +9,7 @@ one IMAGE_FILL_ID per image row. Float and quantized models share this one path.
 `ChatSession` keeps one KV cache across turns: each turn prefills only its own new tokens.
 """
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from PIL import Image
 
 from .errors import CuMoError
 from .model import Model
-from .processor import IMAGE_TOKEN_INDEX, ImageSource, Processor
+from .processor import IMAGE_TOKEN_INDEX, ImageSource, Processor, check_text
 from .templates import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, chat_prompt, user_turn, with_image_placeholders
 
 IMAGE_FILL_ID = 0  # stands for an image row in the token history the logits processors see
@@ -69,13 +70,13 @@ def check_generation_args(
     """
     problems = [
         (max_tokens < 1, f"max_tokens must be at least 1, got {max_tokens}"),
-        (temp < 0, f"temp must be >= 0 (0 is greedy), got {temp}"),
+        (not (math.isfinite(temp) and temp >= 0), f"temp must be >= 0 and finite (0 is greedy), got {temp}"),
         (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
         (not 0 <= min_p <= 1, f"min_p must be in [0, 1], got {min_p}"),
         (top_k < 0, f"top_k must be >= 0 (0 keeps every token), got {top_k}"),
         (
-            repetition_penalty is not None and repetition_penalty <= 0,
-            f"repetition_penalty must be > 0 (1 is none), got {repetition_penalty}",
+            repetition_penalty is not None and not (math.isfinite(repetition_penalty) and repetition_penalty > 0),
+            f"repetition_penalty must be > 0 and finite (1 is none), got {repetition_penalty}",
         ),
         (repetition_context_size < 1, f"repetition_context_size must be at least 1, got {repetition_context_size}"),
         (max_kv_size is not None and max_kv_size < 1, f"max_kv_size must be at least 1, got {max_kv_size}"),
@@ -100,7 +101,7 @@ def check_generation_args(
         ]
     for bad, message in problems:
         if bad:
-            raise CuMoError(message)
+            raise CuMoError(message, "change that option")
 
 
 def as_image_list(images: Union[ImageSource, Sequence[ImageSource], None]) -> list[ImageSource]:
@@ -113,7 +114,7 @@ def check_question(question: str, num_images: int) -> str:
     """The question with one `<image>` per image; CuMoError if it is empty or places a wrong count."""
     if not question.strip():
         raise CuMoError("the prompt is empty", "give a question or an instruction")
-    return with_image_placeholders(question, num_images)
+    return with_image_placeholders(check_text(question), num_images)
 
 
 def expand_image_ids(ids: Sequence[int], rows_per_image: int) -> mx.array:
@@ -208,7 +209,9 @@ def stream_generate(
         expanded,
         max_tokens=max_tokens,
         input_embeddings=model.embed_inputs(ids, image_features),
-        sampler=make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k),
+        # top_k >= the vocabulary keeps every token, as 0 does (mlx-lm raises inside a compiled function,
+        # which leaves MLX's random state unusable for the rest of the process).
+        sampler=make_sampler(temp, top_p=top_p, min_p=min_p, top_k=0 if top_k >= model.args.text_config.vocab_size else top_k),
         logits_processors=make_logits_processors(
             logit_bias, repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
         ),

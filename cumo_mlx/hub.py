@@ -160,14 +160,15 @@ def resolve_hub_model(
     target = converted_path(repo_id, revision, bits)
     if (target / "config.json").is_file():
         return target
-    if _is_mlx_repo(repo_id, revision):
+    is_mlx = _is_mlx_repo(repo_id, revision)
+    if is_mlx:
         try:
             return _snapshot(repo_id, revision, None, progress)
         except Exception as e:
             raise _hub_error(repo_id, revision, e) from None
     from .convert.convert import convert
 
-    if progress:
+    if progress and is_mlx is not None:  # (None: its config is out of reach, the conversion reports why)
         print(f"{repo_id}: converting to MLX ({bits}-bit) into {target} (once; later loads reuse it)", file=sys.stderr)
     try:
         summary = convert(repo_id, str(target), quantize=True, q_bits=bits, revision=revision, progress=progress)

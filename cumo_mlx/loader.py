@@ -6,6 +6,9 @@ tokenizer files. Weight loading, quantized-layer rebuilding and sharded saving a
 """
 
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -31,8 +34,8 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
     name = str(path_or_repo)
     if name == "demo":
         return DEMO_PATH
-    path = Path(name).expanduser()
-    if path.exists():
+    path = Path(os.path.expanduser(name))  # (Path.expanduser raises for "~nobody")
+    if os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
         if not path.is_dir():
             raise CuMoError(f"{name} is a file, not a model directory", "give the directory holding config.json")
         return path
@@ -43,10 +46,21 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
     return resolve_hub_model(name)  # downloaded, and converted once into a cache directory
 
 
+def check_output(path: Union[str, Path], *inputs: Path) -> None:
+    """Refuse an output directory that is one of the command's inputs: writing would destroy it."""
+    target = Path(path).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source:
+            raise CuMoError(f"{path} would overwrite {source}, an input of this command", "choose another output directory")
+
+
 def compute_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
     """The dtype to run floating-point weights in: `dtype` if given, else float32 on the CPU backend
     (its half-precision matmuls have no BLAS path and run ~40x slower), else the stored dtype (None)."""
     if dtype is not None:
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise CuMoError(f"unsupported dtype {dtype!r}", "use float16, bfloat16 or float32")
         return getattr(mx, dtype)
     return mx.float32 if mx.default_device() == mx.cpu else None
 
@@ -91,7 +105,9 @@ def load_processor(model_path: Path, args: ModelArgs) -> Processor:
         with warnings.catch_warnings():  # FutureWarning on the config's rope_scaling, etc.
             warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
             warnings.simplefilter("ignore", FutureWarning)
-            tokenizer = load_tokenizer(model_path)
+            # Never run Python shipped with a model (an `auto_map` in tokenizer_config.json); without an
+            # explicit False, transformers asks on stdin, where a piped "y" would say yes.
+            tokenizer = load_tokenizer(model_path, tokenizer_config_extra={"trust_remote_code": False})
             encoder = _slow_llama_encoder(model_path, tokenizer)
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {model_path}: {e}", "check the tokenizer files") from None
@@ -138,15 +154,35 @@ def save(
     tokenizer_source: Optional[Path] = None,
     extra_config: Optional[dict] = None,
 ) -> None:
-    """Write `model` in MLX layout to `path`, with the tokenizer files copied from `tokenizer_source`."""
+    """Write `model` in MLX layout to `path`, with the tokenizer files copied from `tokenizer_source`.
+
+    Everything is written to a temporary folder inside `path` first and moved in only once complete,
+    so a failure (a full disk) leaves what `path` held before as it was.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_model(path, model)
-    config = model.args.to_dict()
-    config.update(extra_config or {})
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if tokenizer_source is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_source / name).exists():
-                (path / name).write_bytes((tokenizer_source / name).read_bytes())
+    for stale in path.glob(".tmp-save-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    temp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=path))
+    try:
+        try:
+            save_model(temp, model)
+            config = model.args.to_dict()
+            config.update(extra_config or {})
+            (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for name in TOKENIZER_FILES if tokenizer_source is not None else ():
+                if (tokenizer_source / name).exists():
+                    shutil.copyfile(tokenizer_source / name, temp / name)
+        except (OSError, RuntimeError) as e:  # MLX reports a failed write as a RuntimeError
+            raise CuMoError(
+                f"cannot write the model to {path}: {e}", f"check the free space and permissions; {path} is unchanged"
+            ) from None
+        written = sorted((p.name for p in temp.iterdir()), key=lambda name: name == "config.json")
+        for stale in [*path.glob("model*.safetensors"), path / "model.safetensors.index.json"]:
+            if stale.name not in written and stale.is_file():  # shards of the model written there before
+                stale.unlink()
+        for name in written:  # config.json last: a directory with it is complete
+            os.replace(temp / name, path / name)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 

@@ -22,7 +22,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import dequantize_model
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CuMoError
 from .model import Model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,7 +71,11 @@ def stored_dtype(model_path: Path) -> Optional[str]:
     """The most common floating dtype of a model directory's weights (read lazily), e.g. "bfloat16"."""
     counts = Counter()
     for file in Path(model_path).glob("model*.safetensors"):
-        for value in mx.load(str(file)).values():
+        try:
+            values = mx.load(str(file)).values()
+        except Exception as e:  # empty, truncated, not safetensors
+            raise CheckpointError(f"cannot load the weights in {model_path}: {e}", "re-convert or re-download the model") from None
+        for value in values:
             if mx.issubdtype(value.dtype, mx.floating):
                 counts[value.dtype] += value.size
     if not counts:
@@ -83,9 +87,13 @@ def write_atomic(path: Path, write) -> None:
     """Call write(temp_path), then rename the temp file over `path`."""
     path = Path(path)
     temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix mx.save_* insist on
+    for stale in path.parent.glob(f".tmp-*-{path.name}"):  # left by a process killed while writing
+        stale.unlink()
     try:
         write(temp)
         os.replace(temp, path)
+    except (OSError, RuntimeError) as e:  # a full disk; MLX reports a failed write as a RuntimeError
+        raise CuMoError(f"cannot write {path}: {e}", f"check the free space and permissions; {path} is unchanged") from None
     finally:
         if temp.exists():
             temp.unlink()
@@ -108,9 +116,27 @@ def read_adapter_config(adapter_path: Path) -> dict:
             hint or "give the --output directory of a `cumo-mlx train` run with --fine-tune-type lora",
         )
     try:
-        return json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"cannot read {config_file}: {e}", "re-run the training or fix the file") from None
+    lora = config.get("lora_parameters") if isinstance(config, dict) else None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(config, dict) or (
+        config.get("fine_tune_type", "lora") == "lora"
+        and not (
+            isinstance(lora, dict)
+            and type(lora.get("rank")) is int
+            and lora["rank"] >= 1
+            and all(number(lora.get(key)) for key in ("scale", "dropout"))
+            and type(config.get("num_layers", -1)) is int
+        )
+    ):
+        raise CheckpointError(
+            f"{config_file} does not describe LoRA adapters (a JSON object with num_layers and "
+            "lora_parameters: rank, scale, dropout)",
+            "re-run the training or fix the file",
+        )
+    return config
 
 
 def load_adapters(model: Model, adapter_path: Path) -> Model:

@@ -10,7 +10,10 @@ With a SentencePiece `tokenizer.model` the pieces are tokenized as the original'
 """
 
 import io
+import os
 import re
+import time
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -21,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import ModelArgs, VisionConfig
-from .errors import ImageError
+from .errors import CuMoError, ImageError
 from .templates import IMAGE_PLACEHOLDER
 
 IMAGE_TOKEN_INDEX = -200  # placeholder id of an image in prompt ids
@@ -32,15 +35,45 @@ URL_MAX_BYTES = 50 * 1024 * 1024
 ImageSource = Union[str, Path, Image.Image]
 
 
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Redirects stay on http(s) (urllib's own rule also follows them to ftp)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise urllib.error.URLError(f"redirected to {newurl}, which is not http(s)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _open_url(url: str) -> bytes:
+    """The bytes at an http(s) URL: at most URL_MAX_BYTES, within URL_TIMEOUT_S in all (not per read)."""
+    too_large = ImageError(f"image at {url} is larger than {URL_MAX_BYTES >> 20} MB", "download and shrink it first")
+    deadline = time.monotonic() + URL_TIMEOUT_S
+    data = bytearray()
     try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
-            data = response.read(URL_MAX_BYTES + 1)
+        with urllib.request.build_opener(_HttpRedirectsOnly).open(url, timeout=URL_TIMEOUT_S) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > URL_MAX_BYTES:
+                raise too_large
+            while len(data) <= URL_MAX_BYTES and (chunk := response.read1(1 << 16)):
+                data += chunk
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the download took over {URL_TIMEOUT_S} s")
+    except ImageError:
+        raise
     except Exception as e:
         raise ImageError(f"cannot download image {url}: {e}", "check the URL and your network") from None
     if len(data) > URL_MAX_BYTES:
-        raise ImageError(f"image at {url} is larger than {URL_MAX_BYTES >> 20} MB", "download and shrink it first")
-    return data
+        raise too_large
+    return bytes(data)
+
+
+def check_text(text: str) -> str:
+    """`text` if it is valid Unicode; undecodable input bytes (read as lone surrogates) crash tokenizers."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CuMoError("the text is not valid UTF-8 (it holds undecodable bytes)", "give UTF-8 text") from None
+    return text
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -75,8 +108,8 @@ def load_image(source: ImageSource) -> Image.Image:
     elif "://" in name:
         raise ImageError(f"unsupported image URL scheme in {name}", "use a file path or an http(s) URL")
     else:
-        path = Path(name).expanduser()
-        if not path.exists():
+        path = Path(os.path.expanduser(name))  # (Path.expanduser raises for "~nobody")
+        if not os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
             raise ImageError(f"image file not found: {name}", "check the path")
         if path.is_dir():
             raise ImageError(f"{name} is a directory, not an image", "give an image file")
@@ -203,7 +236,7 @@ class Processor:
     def tokenize(self, prompt: str) -> list[int]:
         """Prompt ids with IMAGE_TOKEN_INDEX where each `<image>` stands (the original's splice)."""
         bos = self.tokenizer.bos_token_id
-        chunks = [self.encode(chunk) for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+        chunks = [self.encode(chunk) for chunk in check_text(prompt).split(IMAGE_PLACEHOLDER)]
         skip = 1 if chunks[0] and chunks[0][0] == bos else 0
         ids = [bos] if skip else []
         for i, chunk in enumerate(chunks):

@@ -244,6 +244,8 @@ class Trainer:
         self.main = self.rank == 0
         self.say = report or (print if self.main else (lambda message: None))
         self.out = Path(c.output)
+        if any(p.exists() and not p.is_dir() for p in (self.out, *self.out.parents)):
+            raise CuMoError(f"--output {self.out} is a file or inside one", "give a folder for --output")
         if not c.resume and any((self.out / CHECKPOINTS).glob("step-*")):
             raise CuMoError(
                 f"{self.out} already holds checkpoints of a training run",
@@ -419,11 +421,20 @@ class Trainer:
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:07d}"
         temp = root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(temp, ignore_errors=True)
-        temp.mkdir()
-        mx.save_safetensors(str(temp / "trainable.safetensors"), dict(tree_flatten(self.model.trainable_parameters())))
-        mx.save_safetensors(str(temp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
-        (temp / "state.json").write_text(json.dumps(self.run_state(), indent=2))
+        for stale in root.glob(".tmp-step-*"):  # left by a run killed while writing a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            temp.mkdir()
+            mx.save_safetensors(str(temp / "trainable.safetensors"), dict(tree_flatten(self.model.trainable_parameters())))
+            mx.save_safetensors(str(temp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            (temp / "state.json").write_text(json.dumps(self.run_state(), indent=2))
+        except (OSError, RuntimeError) as e:  # a full disk; MLX reports a failed write as a RuntimeError
+            shutil.rmtree(temp, ignore_errors=True)
+            kept = self.latest_checkpoint()
+            raise TrainingError(
+                f"cannot write the checkpoint {final}: {e}",
+                f"free some disk space; --resume continues from {kept}" if kept else "free some disk space and run again",
+            ) from None
         if final.exists():
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -437,11 +448,19 @@ class Trainer:
         path = self.latest_checkpoint() if self.main else None
         state = None
         if path is not None:
-            state = json.loads((path / "state.json").read_text())
-            self._check_resumable(state, path)
-            self.model.load_weights(list(mx.load(str(path / "trainable.safetensors")).items()), strict=False)
-            self.optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-            self.dataset.bad.update({int(k): v for k, v in state.get("bad_samples", {}).items()})
+            try:
+                state = json.loads((path / "state.json").read_text())
+                self._check_resumable(state, path)
+                self.model.load_weights(list(mx.load(str(path / "trainable.safetensors")).items()), strict=False)
+                self.optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+                self.dataset.bad.update({int(k): v for k, v in state.get("bad_samples", {}).items()})
+            except CuMoError:
+                raise
+            except Exception as e:  # a damaged checkpoint (the run only ever renames complete ones into place)
+                raise TrainingError(
+                    f"the checkpoint {path} is damaged: {type(e).__name__}: {e}",
+                    "delete it to resume from the one before, or start a new --output",
+                ) from None
         step = mx.array(state["step"] if state else 0, dtype=mx.int32)
         if self.size > 1:
             step = mx.distributed.all_sum(step, group=self.world)

@@ -1,5 +1,7 @@
 """Run the `cumo-mlx` command in-process, as a user would, through click's CliRunner isolation."""
 
+import sys
+
 from click.testing import CliRunner
 
 from cumo_mlx.cli.main import main
@@ -9,6 +11,8 @@ def run_cli(*args) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `cumo-mlx ARGS` with the CLI's own error handling."""
     with CliRunner().isolation() as (stdout, stderr, _):
         code = main([str(a) for a in args])
+        sys.stdout.flush()  # print() output (the trainer's messages) stays buffered otherwise
+        sys.stderr.flush()
     return code, stdout.getvalue().decode(), stderr.getvalue().decode()
 
 
