@@ -48,6 +48,7 @@ from mlx.utils import tree_flatten
 
 from cumo_mlx.config import ModelArgs, load_config
 from cumo_mlx.errors import CheckpointError, ConfigError, CuMoError
+from cumo_mlx.hub import TOKENIZER_FILES
 from cumo_mlx.model import Model
 
 from .checkpoint import (
@@ -63,14 +64,6 @@ DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (2, 3, 4, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's limit
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "generation_config.json",
-)
 ROUTER = re.compile(r"(^|\.)gate$")  # the router of a SparseMoE (CLIP layer, connector, Mixtral layer)
 ALWAYS_FLOAT = re.compile(r"position_embedding$")  # read as a raw table, not through the module
 TMP_MARK = ".cumo-convert-"

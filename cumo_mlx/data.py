@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import DataError, ImageError
-from .processor import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Processor
+from .processor import IGNORE_INDEX, IMAGE_TOKEN_INDEX, Processor, image_layout
 from .templates import IMAGE_PLACEHOLDER, TEMPLATES, assistant_turn, user_turn
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -354,17 +354,13 @@ def collate(encoded: list, image_tokens: int, max_length: Optional[int], pad_id:
     image_count = 0
     for item in encoded:
         ids = np.asarray(item.ids, dtype=np.int64)
-        labels = np.asarray(item.labels, dtype=np.int64)
         is_image = ids == IMAGE_TOKEN_INDEX
-        repeats = np.where(is_image, image_tokens, 1)
-        tokens = np.repeat(np.where(is_image, pad_id, ids), repeats)
-        row_labels = np.repeat(np.where(is_image, IGNORE_INDEX, labels), repeats)
-        image_rows = np.full(tokens.shape, -1, dtype=np.int64)
-        n_images = int(is_image.sum())
-        image_rows[np.repeat(is_image, repeats)] = image_count * image_tokens + np.arange(n_images * image_tokens)
+        tokens, image_rows = image_layout(ids, image_tokens, pad_id)
+        row_labels, _ = image_layout(np.where(is_image, ids, item.labels), image_tokens, IGNORE_INDEX)
+        image_rows = np.where(image_rows >= 0, image_rows + image_count * image_tokens, -1)
+        image_count += int(is_image.sum())
         if item.pixels is not None:
             pixels.append(item.pixels)
-        image_count += n_images
         if max_length is not None:
             tokens, image_rows, row_labels = tokens[:max_length], image_rows[:max_length], row_labels[:max_length]
         rows_tokens.append(tokens)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
 from mlx_lm.generate import GenerationResponse as MLXGenerationResponse
 from mlx_lm.generate import stream_generate as mlx_stream_generate
@@ -26,7 +25,7 @@ from PIL import Image
 
 from .errors import CuMoError
 from .model import Model
-from .processor import IMAGE_TOKEN_INDEX, ImageSource, Processor, check_text
+from .processor import IMAGE_TOKEN_INDEX, ImageSource, Processor, check_text, image_layout
 from .templates import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, chat_prompt, user_turn, with_image_placeholders
 
 IMAGE_FILL_ID = 0  # stands for an image row in the token history the logits processors see
@@ -119,9 +118,7 @@ def check_question(question: str, num_images: int) -> str:
 
 def expand_image_ids(ids: Sequence[int], rows_per_image: int) -> mx.array:
     """The ids with each image placeholder repeated as IMAGE_FILL_ID once per image row."""
-    ids = np.asarray(ids, dtype=np.int64)
-    is_image = ids == IMAGE_TOKEN_INDEX
-    return mx.array(np.repeat(np.where(is_image, IMAGE_FILL_ID, ids), np.where(is_image, rows_per_image, 1)))
+    return mx.array(image_layout(ids, rows_per_image, IMAGE_FILL_ID)[0])
 
 
 def encode_images(model: Model, processor: Processor, images: Sequence[ImageSource]) -> list[mx.array]:

@@ -24,17 +24,21 @@ from .errors import CheckpointError, CuMoError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_BITS = 4
-# Besides the weights: what a conversion reads.
-META_FILES = [
-    "config.json",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
+# The tokenizer's files in a model directory: copied along by conversion, training and saving.
+TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
     "generation_config.json",
+)
+# Besides the weights: what a conversion reads.
+META_FILES = [
+    "config.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    *TOKENIZER_FILES,
     "preprocessor_config.json",
 ]
 

@@ -22,11 +22,11 @@ from mlx_lm.utils import save_model
 
 from .config import ModelArgs, load_config
 from .errors import CheckpointError, CuMoError
+from .hub import TOKENIZER_FILES, is_hub_id, resolve_hub_model
 from .model import Model
 from .processor import Processor, SlowLlamaEncoder
 
 DEMO_PATH = Path(__file__).parent / "demo"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
@@ -39,8 +39,6 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
         if not path.is_dir():
             raise CuMoError(f"{name} is a file, not a model directory", "give the directory holding config.json")
         return path
-    from .hub import is_hub_id, resolve_hub_model
-
     if name.startswith((".", "/", "~")) or not is_hub_id(name):
         raise CuMoError(f"model directory not found: {name}", "check the path, or give a hub id like shi-labs/CuMo-mistral-7b")
     return resolve_hub_model(name)  # downloaded, and converted once into a cache directory

@@ -13,7 +13,7 @@ from .connector import build_connector
 from .errors import CheckpointError
 from .language import LanguageModel
 from .moe import Routing, feed_forward
-from .processor import IMAGE_TOKEN_INDEX
+from .processor import IMAGE_TOKEN_INDEX, image_layout
 from .vision_tower import VisionTower
 
 
@@ -39,21 +39,12 @@ class Model(nn.Module):
 
     def embed_inputs(self, input_ids: Sequence[int], image_features: Optional[mx.array] = None) -> mx.array:
         """Token embeddings [L', hidden] with each IMAGE_TOKEN_INDEX replaced by its image's rows."""
-        ids = np.asarray(input_ids, dtype=np.int64)
-        image_positions = np.flatnonzero(ids == IMAGE_TOKEN_INDEX)
         count = 0 if image_features is None else image_features.shape[0]
-        if len(image_positions) != count:
-            raise ValueError(f"{len(image_positions)} image placeholders but {count} images")
-        embeddings = self.language_model.model.embed_tokens(mx.array(np.where(ids < 0, 0, ids)))
-        if not count:
-            return embeddings
-        image_features = image_features.astype(embeddings.dtype)
-        pieces, start = [], 0
-        for image, position in enumerate(image_positions.tolist()):
-            pieces += [embeddings[start:position], image_features[image]]
-            start = position + 1
-        pieces.append(embeddings[start:])
-        return mx.concatenate(pieces)
+        placeholders = int(np.sum(np.asarray(input_ids) == IMAGE_TOKEN_INDEX))
+        if placeholders != count:
+            raise ValueError(f"{placeholders} image placeholders but {count} images")
+        tokens, rows = image_layout(input_ids, image_features.shape[1] if count else 0)
+        return self.embed_batch(mx.array(tokens)[None], mx.array(rows)[None], image_features if count else None)[0]
 
     def embed_batch(self, tokens: mx.array, image_rows: mx.array, image_features: Optional[mx.array]) -> mx.array:
         """Embeddings [B, L, hidden] of a padded batch with the images already laid out.

@@ -9,7 +9,9 @@ two ways, chosen per backend:
 - "gather": `mx.gather_mm`/`gather_qmm` over token-expert pairs, sorted by expert when there are
   many (fast on Metal and CUDA);
 - "grouped": tokens sorted by expert on the host, then one dense matmul per expert over its
-  tokens (the CPU backend's gather_mm runs ~30x slower than a dense matmul of the same work).
+  tokens. The CPU backend's gather_mm runs one matrix-vector product per pair (~30x slower than
+  a dense matmul of the same work), reading the expert's weights again for each pair, so on the
+  CPU grouping wins as soon as there are as many pairs as experts (benchmarks/moe_dispatch.py).
 Both call the same expert modules, so float, quantized and LoRA experts share one code path.
 """
 
@@ -22,7 +24,9 @@ import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.switch_layers import SwitchLinear
 
-# Below this many token-expert pairs the gather path needs no sort and beats a host round trip.
+from .errors import ConfigError
+
+# Below this many token-expert pairs the gather path does not sort them by expert (as mlx-lm).
 SORT_THRESHOLD = 64
 DISPATCH_MODES = ("auto", "gather", "grouped")
 _dispatch_override: Optional[str] = None
@@ -46,12 +50,17 @@ def set_dispatch(mode: str) -> None:
     _dispatch_override = None if mode == "auto" else mode
 
 
-def dispatch_mode(num_pairs: int) -> str:
+def dispatch_mode(num_pairs: int, num_experts: int) -> str:
+    """The path for `num_pairs` token-expert pairs over `num_experts` experts."""
     mode = _dispatch_override or os.environ.get("CUMO_MLX_MOE_DISPATCH", "auto")
+    if mode not in DISPATCH_MODES:
+        raise ConfigError(
+            f"CUMO_MLX_MOE_DISPATCH must be one of {', '.join(DISPATCH_MODES)}, got {mode!r}", "fix or unset it"
+        )
     if mode != "auto":
         return mode
     on_cpu = mx.default_device() == mx.cpu
-    return "grouped" if on_cpu and num_pairs >= SORT_THRESHOLD else "gather"
+    return "grouped" if on_cpu and num_pairs >= num_experts else "gather"
 
 
 class Routing(NamedTuple):
@@ -166,7 +175,7 @@ class SparseMoE(nn.Module):
         indices, weights = route(logits, self.top_k)
         flat_x = x.reshape(-1, x.shape[-1])
         flat_indices = indices.reshape(-1, self.top_k)
-        if dispatch_mode(flat_indices.size) == "grouped":
+        if dispatch_mode(flat_indices.size, self.num_experts) == "grouped":
             y = grouped_dispatch(self.experts, flat_x, flat_indices)
         else:
             y = gather_dispatch(self.experts, flat_x, flat_indices)

@@ -148,10 +148,7 @@ def _checkpointed(cls):
 
 def _sorts_on_host(moe: SparseMoE) -> bool:
     """Whether this MoE block dispatches a training-sized batch the "grouped" way."""
-    try:
-        return dispatch_mode(1 << 20, moe.num_experts) == "grouped"
-    except TypeError:  # moe.dispatch_mode before it took the expert count
-        return dispatch_mode(1 << 20) == "grouped"
+    return dispatch_mode(1 << 20, moe.num_experts) == "grouped"
 
 
 def grad_checkpoint(model) -> None:

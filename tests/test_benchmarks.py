@@ -1,0 +1,81 @@
+"""The benchmarks run: each at its smallest settings (`--quick --json`), its JSON has the figures.
+
+Nothing here depends on timing; it keeps the benchmarks from rotting as the code changes.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+MACHINE = {"date", "system", "cpu", "cores", "memory_gb", "mlx", "device", "blas"}
+
+
+def run(name: str) -> dict:
+    command = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert set(result["machine"]) == MACHINE and result["quick"] is True
+    return result
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def test_moe_dispatch():
+    result = run("moe_dispatch")
+    assert set(result["sites"]) == {"clip", "connector", "mixtral-decode", "mixtral-prefill"}
+    for name, site in result["sites"].items():
+        variants = {"dense x2", "auto", "gather", "grouped", "loop", "all-experts"}
+        variants |= {"mlx-lm"} if "mixtral" in name else set()
+        assert set(site["variants"]) == variants and site["auto_path"] in ("gather", "grouped")
+        for variant, figures in site["variants"].items():
+            assert positive(figures["seconds"]) and positive(figures["ratio"]) and figures["runs"] >= 1
+            if variant != "dense x2":  # every dispatch computes the same outputs
+                assert figures["max_abs_diff"] < 1e-4, (name, variant)
+    assert result["sites"]["mixtral-decode"]["auto_path"] == "gather"
+
+
+def test_vision_encode():
+    result = run("vision_encode")
+    assert set(result["timings"]) == {"ours MoE", "ours dense", "torch dense"}
+    assert all(positive(t["seconds"]) for t in result["timings"].values())
+    assert set(result["ratios"]) == {"ours MoE / torch dense", "ours dense / torch dense", "ours MoE / ours dense"}
+    assert result["crops"] == 10
+
+
+def test_generate():
+    result = run("generate")
+    assert set(result["llm"]) == {"mistral 2L float", "mistral 2L 4-bit", "mixtral 1L float", "mixtral 1L 4-bit"}
+    for figures in result["llm"].values():
+        for impl in ("ours", "mlx-lm"):
+            assert all(positive(figures[impl][k]) for k in ("prefill_tps", "decode_tps", "peak_gb"))
+        assert positive(figures["decode_ratio"]) and positive(figures["prefill_ratio"])
+    image = result["image"]
+    assert positive(image["encode_s"]) and image["positions"] > 0
+    for precision in ("float", "4-bit"):
+        assert all(positive(image[precision][k]) for k in ("prefill_32_layers_tps", "prefill_32_layers_s"))
+    memory = result["memory"]
+    assert set(memory["weights_bytes"]) == {"vision_tower", "connector", "llm"}
+    assert memory["estimated_peak_bytes"] > sum(memory["weights_bytes"].values()) > 0
+
+
+def test_convert_memory():
+    result = run("convert_memory")
+    assert result["checkpoint"]["shards"] == 3
+    assert result["bound"] == result["checkpoint"]["largest_shard"] + result["checkpoint"]["largest_tensor"]
+    for precision in ("float16", "4-bit"):
+        figures = result["conversions"][precision]
+        assert {"peak_rss_above_baseline", "mlx_peak", "peak_over_bound", "peak_over_checkpoint"} <= set(figures)
+
+
+def test_blas_matmul():
+    result = run("blas_matmul")
+    assert set(result["runs"]) == {"loaded", "bundled"} and result["runs"]["bundled"]["blas"] is None
+    assert all(positive(r["seconds"]) and positive(r["gflops"]) for r in result["runs"].values())
+    assert positive(result["speedup"])
