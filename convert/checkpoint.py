@@ -26,7 +26,7 @@ import numpy as np
 
 from cumo_mlx.errors import CheckpointError
 
-from .unpickler import load_torch_zip
+from .unpickler import NUMPY_DTYPES, load_torch_zip
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -42,18 +42,18 @@ TRAINING_ARTEFACTS = (
 )
 MAX_SAFETENSORS_HEADER = 100 << 20
 
-# safetensors dtype -> (numpy dtype used to read it, our dtype name)
+# safetensors dtype -> our dtype name
 SAFETENSORS_DTYPES = {
-    "F64": ("<f8", "float64"),
-    "F32": ("<f4", "float32"),
-    "F16": ("<f2", "float16"),
-    "BF16": ("<u2", "bfloat16"),  # numpy has no bfloat16: read the bits
-    "I64": ("<i8", "int64"),
-    "I32": ("<i4", "int32"),
-    "I16": ("<i2", "int16"),
-    "I8": ("i1", "int8"),
-    "U8": ("u1", "uint8"),
-    "BOOL": ("?", "bool"),
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -187,7 +187,8 @@ def read_safetensors(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(
                 f"{path}: tensor '{name}' has unsupported dtype {dtype}", "convert it to a float type first"
             )
-        numpy_dtype, our_dtype = SAFETENSORS_DTYPES[dtype]
+        our_dtype = SAFETENSORS_DTYPES[dtype]
+        numpy_dtype = NUMPY_DTYPES[our_dtype]
         if any(s < 0 for s in shape) or end - begin != math.prod(shape) * np.dtype(numpy_dtype).itemsize or begin < 0:
             raise CheckpointError(f"{path}: tensor '{name}' has inconsistent shape and offsets", "re-download the file")
         if data_start + end > size:

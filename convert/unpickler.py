@@ -30,18 +30,31 @@ import numpy as np
 
 from cumo_mlx.errors import CheckpointError
 
-# torch storage class name -> (numpy dtype used to read it, our dtype name)
+# our dtype name -> the numpy dtype its bytes are read as (little-endian, as torch and safetensors store them)
+NUMPY_DTYPES = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",  # numpy has no bfloat16: read the bits
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "?",
+}
+# torch storage class name -> our dtype name
 STORAGE_DTYPES = {
-    "DoubleStorage": ("<f8", "float64"),
-    "FloatStorage": ("<f4", "float32"),
-    "HalfStorage": ("<f2", "float16"),
-    "BFloat16Storage": ("<u2", "bfloat16"),  # numpy has no bfloat16: read the bits
-    "LongStorage": ("<i8", "int64"),
-    "IntStorage": ("<i4", "int32"),
-    "ShortStorage": ("<i2", "int16"),
-    "CharStorage": ("i1", "int8"),
-    "ByteStorage": ("u1", "uint8"),
-    "BoolStorage": ("?", "bool"),
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
 }
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a pre-1.6 (non-zip) torch file
 ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the fixed 30 bytes of a zip local file header
@@ -54,7 +67,8 @@ class StorageType:
 
     def __init__(self, name: str):
         self.name = name
-        self.numpy_dtype, self.dtype = STORAGE_DTYPES[name]
+        self.dtype = STORAGE_DTYPES[name]
+        self.numpy_dtype = NUMPY_DTYPES[self.dtype]
 
     def __setstate__(self, state):
         raise pickle.UnpicklingError("a storage type cannot be given a state")
