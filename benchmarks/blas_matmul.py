@@ -6,10 +6,7 @@ A float32 size x size matmul on the CPU, in two fresh processes (the BLAS is cho
 first imported), each timing --repeats runs after a warm-up; GFLOP/s of the medians and the speed-up.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import harness
 
@@ -35,11 +32,7 @@ def run_child(size: int, repeats: int, disable: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "CUMO_MLX_BLAS"}
     if disable:
         env["CUMO_MLX_BLAS"] = "0"
-    command = [sys.executable, "-c", CHILD, str(size), str(repeats)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(done.stderr)
-    result = json.loads(done.stdout)
+    result = harness.run_python(CHILD, str(size), str(repeats), env=env)
     result["gflops"] = 2 * size**3 / result["seconds"] / 1e9
     return result
 

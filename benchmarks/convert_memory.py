@@ -14,8 +14,6 @@ promises: one shard plus the largest tensor, whatever the size of the model. MLX
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -154,13 +152,6 @@ def write_checkpoint(directory: Path, dims: dict, layers: int, clip_layers: int,
     return {"total": total, "largest_shard": largest_shard, "largest_tensor": max(sizes.values()), "shards": shards}
 
 
-def run_child(*argv: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, *argv], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"conversion failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main():
     p = harness.parser(__doc__.split("\n")[0], repeats=1)
     p.add_argument("--layers", type=int, default=4, help="LLM layers of the synthetic checkpoint")
@@ -178,10 +169,10 @@ def main():
         src.mkdir()
         sizes = write_checkpoint(src, dims, layers, clip_layers, shards)
         bound = sizes["largest_shard"] + sizes["largest_tensor"]
-        baseline = min(run_child()["maxrss"] for _ in range(repeats))
+        baseline = min(harness.run_python(CHILD)["maxrss"] for _ in range(repeats))
         conversions = {}
         for precision in ("float16", "4-bit"):
-            runs = [run_child(str(src), str(Path(tmp) / f"{precision}-{n}"), precision) for n in range(repeats)]
+            runs = [harness.run_python(CHILD, str(src), str(Path(tmp) / f"{precision}-{n}"), precision) for n in range(repeats)]
             peak = min(r["maxrss"] for r in runs) - baseline
             conversions[precision] = {
                 "peak_rss_above_baseline": peak,

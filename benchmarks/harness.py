@@ -12,8 +12,10 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import cumo_mlx  # noqa: F401  (an optimized BLAS before mlx)
 import mlx.core as mx
@@ -84,12 +86,13 @@ def time_cases(
     return run_cases(timed, repeats, budget, min_seconds)
 
 
-def peak_memory(fn: Callable[[], object]) -> int:
-    """Peak bytes MLX held while `fn()` ran and its results were evaluated."""
-    mx.eval(mx.zeros(1))  # settle pending work before resetting
-    mx.reset_peak_memory()
-    mx.eval(fn())
-    return mx.get_peak_memory()
+def run_python(code: str, *argv: str, env: Optional[dict] = None) -> dict:
+    """The JSON object a fresh interpreter running `code` with `argv` prints last (a measurement that
+    must not share this process's memory or loaded libraries); its error output stops the benchmark."""
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict:
