@@ -1,6 +1,6 @@
 """Peak memory of one CuMo-7B training step, extrapolated from shallow models at the real widths.
 
-    python benchmarks/train_memory.py [--tokens 128] [--json results.json]
+    python benchmarks/train_memory.py [--tokens 128] [--quick] [--json] [--save results.json]
 
 CuMo-Mistral-7B widths (Mistral-7B LLM, CLIP-L/14-336 with 4-expert top-2 MoE MLPs, 4-expert MoE
 connector, S2 scales [1, 3]) with only 1-2 LLM layers and 2-3 CLIP layers, random float32 weights.
@@ -14,18 +14,22 @@ per layer to 32 LLM layers and 24 CLIP layers:
 
 Weights here are float32 (the CPU backend computes in float32); on Metal the frozen weights stay in
 their stored bfloat16, so the estimate is also printed with the frozen bytes halved. On the CPU the
-MoE layers are not checkpointed (see `trainer.grad_checkpoint`), on Metal they are.
+MoE layers are not checkpointed (see `trainer.grad_checkpoint`), on Metal they are. --quick runs
+the same steps at tiny widths (a smoke test, not a measurement).
 """
 
-import argparse
-import json
-import subprocess
-import sys
+from pathlib import Path
+
+import harness
 
 SHAPES = {(1, 2), (2, 2), (1, 3)}
+CUMO_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "vocab_size": 32000, "image_size": 336, "patch_size": 14, "vision_width": 1024}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512, "image_size": 56, "patch_size": 14, "vision_width": 32}
 
 
-def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int) -> dict:
+def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int, quick: bool) -> dict:
     import cumo_mlx  # noqa: F401
     import mlx.core as mx
     import mlx.nn as nn
@@ -39,13 +43,18 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int) -> dict:
     from cumo_mlx.model import Model
     from cumo_mlx.trainer import TrainConfig, configure_trainable, grad_checkpoint
 
+    dims = TINY if quick else CUMO_7B
+    vision = {"num_hidden_layers": clip_layers, "image_size": dims["image_size"], "patch_size": dims["patch_size"]}
+    if quick:
+        vision |= {"hidden_size": dims["vision_width"], "intermediate_size": 4 * dims["vision_width"], "num_attention_heads": 2}
     config = {
-        "model_type": "llava_mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": llm_layers,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6, "mm_projector_type": "smoe_mlp", "clip_smoe": True, "num_experts": 4, "num_selected": 2,
-        "scales": [1, 3], "mm_hidden_size": 1024,
-        "vision_config": {"num_hidden_layers": clip_layers},
+        "model_type": "llava_mistral", "num_hidden_layers": llm_layers, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+        **{k: dims[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")},
+        "mm_projector_type": "smoe_mlp", "clip_smoe": True, "num_experts": 4, "num_selected": 2,
+        "scales": [1, 3], "mm_hidden_size": dims["vision_width"], "vision_config": vision,
     }
+    size, positions = dims["image_size"], (dims["image_size"] // dims["patch_size"]) ** 2
+    vocab = dims["vocab_size"]
     mx.random.seed(0)
     model = Model(ModelArgs.from_dict(config))
     mx.eval(model.parameters())
@@ -55,10 +64,10 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int) -> dict:
     model.train()
     optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.0, bias_correction=True)
     rng = np.random.default_rng(0)
-    ids = [1] + rng.integers(3, 32000, 20).tolist() + [-200] + rng.integers(3, 32000, tokens - 21).tolist()
+    ids = [1] + rng.integers(3, vocab, 20).tolist() + [-200] + rng.integers(3, vocab, tokens - 21).tolist()
     labels = [-100] * 22 + ids[22:]
-    pixels = rng.standard_normal((1, 336, 336, 3)).astype(np.float32)
-    batch = collate([Encoded(ids, labels, pixels)], 576, None).as_mx()
+    pixels = rng.standard_normal((1, size, size, 3)).astype(np.float32)
+    batch = collate([Encoded(ids, labels, pixels)], positions, None).as_mx()
     step = nn.value_and_grad(model, lambda m, b: batch_losses(m, b)[0])
 
     def one_step():
@@ -76,41 +85,55 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int) -> dict:
     return {"peak_gb": mx.get_peak_memory() / 1e9, "trainable": trainable, "parameters": total, "parts": parts}
 
 
+CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from train_memory import measure
+print(json.dumps(measure(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6] == "1")))
+"""
+
+
+def estimate(runs: dict) -> dict:
+    """Per-layer growth and the 32-LLM-layer, 24-CLIP-layer extrapolation of one mode's runs."""
+    base = runs[(1, 2)]["peak_gb"]
+    per_llm = runs[(2, 2)]["peak_gb"] - base
+    per_clip = runs[(1, 3)]["peak_gb"] - base
+    peak = base + 31 * per_llm + 22 * per_clip
+    frozen = {k: (r["parameters"] - r["trainable"]) * 4 / 1e9 for k, r in runs.items()}
+    frozen_full = frozen[(1, 2)] + 31 * (frozen[(2, 2)] - frozen[(1, 2)]) + 22 * (frozen[(1, 3)] - frozen[(1, 2)])
+    return {
+        "runs": {f"{llm}x{clip}": r for (llm, clip), r in runs.items()},
+        "per_llm_layer_gb": per_llm,
+        "per_clip_layer_gb": per_clip,
+        "cumo_7b_peak_gb": peak,
+        "cumo_7b_peak_gb_frozen_bf16": peak - frozen_full / 2,
+    }
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=128, help="Text positions besides the image's 576.")
-    parser.add_argument("--json", help="Write the measurements and estimates here.")
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # llm_layers clip_layers mode: measure in this process
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(int(args.one[0]), int(args.one[1]), args.one[2], args.tokens)))
-        return
-    results = {}
+    p = harness.parser(__doc__.split("\n")[0], repeats=1)
+    p.add_argument("--tokens", type=int, default=128, help="Text positions besides the image's.")
+    args = p.parse_args()
+    tokens = 32 if args.quick else args.tokens
+    here = str(Path(__file__).resolve().parent)
+    modes = {}
     for mode in ("lora", "full"):
-        runs = {}
-        for llm, clip in sorted(SHAPES):
-            out = subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--one", str(llm), str(clip), mode],
-                                 check=True, capture_output=True, text=True).stdout
-            runs[(llm, clip)] = json.loads(out.strip().splitlines()[-1])
-            print(f"{mode}: {llm} LLM + {clip} CLIP layers: peak {runs[(llm, clip)]['peak_gb']:.2f} GB", flush=True)
-        base = runs[(1, 2)]["peak_gb"]
-        per_llm = runs[(2, 2)]["peak_gb"] - base
-        per_clip = runs[(1, 3)]["peak_gb"] - base
-        estimate = base + 31 * per_llm + 22 * per_clip
-        frozen = {k: (r["parameters"] - r["trainable"]) * 4 / 1e9 for k, r in runs.items()}
-        frozen_7b = frozen[(1, 2)] + 31 * (frozen[(2, 2)] - frozen[(1, 2)]) + 22 * (frozen[(1, 3)] - frozen[(1, 2)])
-        results[mode] = {
-            "runs": {f"{llm}x{clip}": r for (llm, clip), r in runs.items()},
-            "per_llm_layer_gb": per_llm,
-            "per_clip_layer_gb": per_clip,
-            "cumo_7b_peak_gb": estimate,
-            "cumo_7b_peak_gb_frozen_bf16": estimate - frozen_7b / 2,
+        runs = {
+            (llm, clip): harness.run_python(CHILD, here, str(llm), str(clip), mode, str(tokens), str(int(args.quick)))
+            for llm, clip in sorted(SHAPES)
         }
-        print(f"{mode}: per LLM layer {per_llm:.2f} GB, per CLIP layer {per_clip:.2f} GB -> CuMo-7B step peak "
-              f"{estimate:.1f} GB (float32), {estimate - frozen_7b / 2:.1f} GB with bfloat16 frozen weights", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        modes[mode] = estimate(runs)
+    result = {"machine": harness.machine(), "quick": args.quick, "tokens": tokens, "modes": modes}
+    headers = ["mode", "1x2 GB", "2x2 GB", "1x3 GB", "per LLM layer", "per CLIP layer", "CuMo-7B GB", "bf16 frozen GB"]
+    rows = [
+        [mode, *(m["runs"][k]["peak_gb"] for k in ("1x2", "2x2", "1x3")), m["per_llm_layer_gb"], m["per_clip_layer_gb"],
+         m["cumo_7b_peak_gb"], m["cumo_7b_peak_gb_frozen_bf16"]]
+        for mode, m in modes.items()
+    ]
+    text = [f"One training step, {tokens} text positions + one image (LLM x CLIP layers measured):", harness.table(headers, rows)]
+    if args.quick:
+        text.append("\n--quick: tiny widths (a smoke test, not a measurement)")
+    harness.emit(result, "\n".join(text), args)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,13 @@ def test_blas_matmul():
     assert set(result["runs"]) == {"loaded", "bundled"} and result["runs"]["bundled"]["blas"] is None
     assert all(positive(r["seconds"]) and positive(r["gflops"]) for r in result["runs"].values())
     assert positive(result["speedup"])
+
+
+def test_train_memory():
+    result = run("train_memory")
+    assert set(result["modes"]) == {"lora", "full"}
+    for figures in result["modes"].values():
+        assert set(figures["runs"]) == {"1x2", "2x2", "1x3"}
+        assert all(positive(r["peak_gb"]) and 0 < r["trainable"] <= r["parameters"] for r in figures["runs"].values())
+        assert figures["cumo_7b_peak_gb"] > figures["runs"]["1x2"]["peak_gb"]
+    assert result["modes"]["lora"]["runs"]["1x2"]["trainable"] < result["modes"]["full"]["runs"]["1x2"]["trainable"]
