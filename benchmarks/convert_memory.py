@@ -25,11 +25,8 @@ from safetensors.torch import save_file
 from cumo_mlx.demo_config import write_tokenizer
 
 GB = harness.GB
-CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "patch_size": 14,
-          "image_size": 336}  # fmt: skip
-QUICK_CLIP = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "patch_size": 14, "image_size": 56}
-FULL = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 32000, "clip": CLIP_L}
-QUICK = {"hidden": 128, "intermediate": 448, "heads": 4, "kv_heads": 2, "vocab": 512, "clip": QUICK_CLIP}
+FULL = {**harness.MISTRAL_7B, "vocab_size": 32000, "clip": harness.CLIP_L}
+QUICK = {**harness.QUICK_MISTRAL, "vocab_size": 512, "clip": harness.QUICK_CLIP}
 EXPERTS = 4
 # Runs in a fresh interpreter: the peak RSS of converting (or, with no arguments, of importing only).
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's RSS at fork.
@@ -53,8 +50,8 @@ print(json.dumps({"maxrss": peak_rss(), "mlx_peak": mx.get_peak_memory()}))
 
 def original_tensors(dims: dict, layers: int, clip_layers: int) -> dict[str, tuple]:
     """Names and shapes of a CuMo-Mistral checkpoint (CLIP-MoE, MoE connector) in the original layout."""
-    h, i, v = dims["hidden"], dims["intermediate"], dims["vocab"]
-    kv = dims["kv_heads"] * h // dims["heads"]
+    h, i, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
+    kv = dims["num_key_value_heads"] * h // dims["num_attention_heads"]
     clip = dims["clip"]
     d, ci, patch = clip["hidden_size"], clip["intermediate_size"], clip["patch_size"]
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
@@ -101,12 +98,8 @@ def original_config(dims: dict, layers: int, clip_layers: int) -> tuple[dict, di
     config = {
         "model_type": "llava_mistral",
         "architectures": ["LlavaMistralForCausalLM"],
-        "hidden_size": dims["hidden"],
-        "intermediate_size": dims["intermediate"],
+        **{k: v for k, v in dims.items() if k != "clip"},
         "num_hidden_layers": layers,
-        "num_attention_heads": dims["heads"],
-        "num_key_value_heads": dims["kv_heads"],
-        "vocab_size": dims["vocab"],
         "rms_norm_eps": 1e-5,
         "rope_theta": 1e6,
         "tie_word_embeddings": False,

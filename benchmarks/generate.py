@@ -52,13 +52,10 @@ from cumo_mlx.processor import IMAGE_TOKEN_INDEX
 
 GB = harness.GB
 Q_BITS, Q_GROUP = 4, 64
-MISTRAL = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
-MIXTRAL = {**MISTRAL, "num_local_experts": 8, "num_experts_per_tok": 2}
+MIXTRAL = {**harness.MISTRAL_7B, "num_local_experts": 8, "num_experts_per_tok": 2}
 COMMON = {"vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False}
 LLM_LAYERS = 32
-QUICK_LLM = {"hidden_size": 128, "intermediate_size": 448, "num_attention_heads": 4, "num_key_value_heads": 2}
-QUICK_VISION = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-                "patch_size": 14, "image_size": 56, "shortest_edge": 56, "crop_size": 56}  # fmt: skip
+QUICK_VISION = {**harness.QUICK_CLIP, "num_hidden_layers": 3, "shortest_edge": 56, "crop_size": 56}
 # Text positions of the default prompt around the image: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n"
 # before, "\n{question} [/INST]" after (the question ~12 tokens).
 TEXT_BEFORE, TEXT_AFTER = 48, 16
@@ -158,7 +155,7 @@ def llm_part(args, widths: dict) -> dict:
 
 
 def cumo_config(llm_layers: int, quick: bool) -> dict:
-    llm = QUICK_LLM if quick else MISTRAL
+    llm = harness.QUICK_MISTRAL if quick else harness.MISTRAL_7B
     config = {"model_type": "llava_mistral", **llm, **COMMON, "num_hidden_layers": llm_layers, "scales": [1, 3],
               "mm_projector_type": "smoe_mlp", "clip_smoe": True, "num_experts": 4, "num_selected": 2}  # fmt: skip
     if quick:
@@ -265,7 +262,7 @@ def full_model_weight_bytes(quick: bool, quantize_vision: bool = False) -> dict:
 
 
 def memory_part(image: dict, tokens: int, quick: bool) -> dict:
-    llm = QUICK_LLM if quick else MISTRAL
+    llm = harness.QUICK_MISTRAL if quick else harness.MISTRAL_7B
     head_dim = llm["hidden_size"] // llm["num_attention_heads"]
     kv_per_layer = 2 * llm["num_key_value_heads"] * head_dim * (image["positions"] + tokens) * 2  # float16 K and V
     working = image["float_peak_bytes"] - image["float_weights_bytes"]
@@ -363,7 +360,7 @@ def main():
               "settings": {k: getattr(args, k) for k in settings}}  # fmt: skip
     text = []
     if "llm" in parts:
-        result["llm"] = llm_part(args, QUICK_LLM if args.quick else MISTRAL)
+        result["llm"] = llm_part(args, harness.QUICK_MISTRAL if args.quick else harness.MISTRAL_7B)
         text.append(llm_report(result["llm"], args))
     if "image" in parts:
         result["image"] = image_part(args)

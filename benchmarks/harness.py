@@ -23,6 +23,13 @@ from cumo_mlx import blas
 
 GB = 1 << 30
 
+# CuMo-Mistral-7B's widths (CLIP ViT-L/14-336, Mistral-7B) in config.json names, and the tiny stand-ins
+# every benchmark's --quick uses.
+CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "patch_size": 14, "image_size": 336}
+QUICK_CLIP = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "patch_size": 14, "image_size": 56}
+MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8}
+QUICK_MISTRAL = {"hidden_size": 128, "intermediate_size": 448, "num_attention_heads": 4, "num_key_value_heads": 2}
+
 
 def parser(description: str, repeats: int = 5) -> argparse.ArgumentParser:
     """An argument parser with the flags every benchmark has."""

@@ -23,10 +23,9 @@ from pathlib import Path
 import harness
 
 SHAPES = {(1, 2), (2, 2), (1, 3)}
-CUMO_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "vocab_size": 32000, "image_size": 336, "patch_size": 14, "vision_width": 1024}
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 512, "image_size": 56, "patch_size": 14, "vision_width": 32}
+# (LLM widths, CLIP tower): CuMo-Mistral-7B, or tiny for --quick
+CUMO_7B = ({**harness.MISTRAL_7B, "vocab_size": 32000}, harness.CLIP_L)
+TINY = ({**harness.QUICK_MISTRAL, "vocab_size": 512}, harness.QUICK_CLIP)
 
 
 def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int, quick: bool) -> dict:
@@ -43,18 +42,14 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int, quick: bo
     from cumo_mlx.model import Model
     from cumo_mlx.trainer import TrainConfig, configure_trainable, grad_checkpoint
 
-    dims = TINY if quick else CUMO_7B
-    vision = {"num_hidden_layers": clip_layers, "image_size": dims["image_size"], "patch_size": dims["patch_size"]}
-    if quick:
-        vision |= {"hidden_size": dims["vision_width"], "intermediate_size": 4 * dims["vision_width"], "num_attention_heads": 2}
+    llm, clip = TINY if quick else CUMO_7B
     config = {
-        "model_type": "llava_mistral", "num_hidden_layers": llm_layers, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
-        **{k: dims[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size")},
+        "model_type": "llava_mistral", "num_hidden_layers": llm_layers, "rms_norm_eps": 1e-5, "rope_theta": 1e6, **llm,
         "mm_projector_type": "smoe_mlp", "clip_smoe": True, "num_experts": 4, "num_selected": 2,
-        "scales": [1, 3], "mm_hidden_size": dims["vision_width"], "vision_config": vision,
+        "scales": [1, 3], "mm_hidden_size": clip["hidden_size"], "vision_config": {**clip, "num_hidden_layers": clip_layers},
     }
-    size, positions = dims["image_size"], (dims["image_size"] // dims["patch_size"]) ** 2
-    vocab = dims["vocab_size"]
+    size, positions = clip["image_size"], (clip["image_size"] // clip["patch_size"]) ** 2
+    vocab = llm["vocab_size"]
     mx.random.seed(0)
     model = Model(ModelArgs.from_dict(config))
     mx.eval(model.parameters())

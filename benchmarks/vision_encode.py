@@ -29,9 +29,6 @@ import numpy as np
 from cumo_mlx.config import ModelArgs
 from cumo_mlx.vision_tower import VisionTower
 
-CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "patch_size": 14,
-          "image_size": 336}  # fmt: skip
-QUICK = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "patch_size": 14, "image_size": 56}
 SCALES = [1, 3]
 # torch runs in its own process: one that has loaded cumo_mlx's OpenBLAS (RTLD_GLOBAL) runs torch's
 # matmuls through it, ~6x slower here. It times one image per line read, on the same pixels.
@@ -97,7 +94,7 @@ def main():
     p = harness.parser(__doc__.split("\n")[0], repeats=3)
     p.add_argument("--layers", type=int, default=24, help="CLIP layers (24 in CLIP-L)")
     args = p.parse_args()
-    dims = QUICK if args.quick else CLIP_L
+    dims = harness.QUICK_CLIP if args.quick else harness.CLIP_L
     layers = 3 if args.quick else args.layers
     repeats = 1 if args.quick else args.repeats
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
