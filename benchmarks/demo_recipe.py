@@ -6,8 +6,9 @@ Every step is a real `cumo-mlx` command (or, for the starting checkpoint and the
 package's Python API), in the order of the CuMo recipe:
 
  1. data        cumo-mlx data shapes: a training set (seed 0) and a held-out set (seed 1)
- 2. init        a randomly initialised dense demo model + the demo tokenizer
-                (cumo_mlx.demo_config.write_initial_model)
+ 2. init        the dense demo model's starting point + the demo tokenizer: random weights but
+                for CLIP, which starts as a colour-invariant edge detector
+                (cumo_mlx.demo_config.write_initial_model, edge_energy_init)
  3. pretrain    cumo-mlx train --stage pretrain   (connector only, `plain` captions)
  4. pft         cumo-mlx train --stage pft        (everything, dense, captions as instructions:
                 CuMo pre-finetunes on detailed captions)
@@ -45,8 +46,8 @@ FULL = {
     "heldout_images": 480,  # ~510 questions: the first 500 are scored
     "heldout_questions": 500,
     "pretrain": {"iters": 100, "batch_size": 8, "learning_rate": 1e-3},
-    "pft": {"iters": 1500, "batch_size": 8, "learning_rate": 1e-3},
-    "sft": {"iters": 1400, "batch_size": 8, "learning_rate": 1e-3},
+    "pft": {"iters": 1000, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
+    "sft": {"iters": 1300, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
     "max_seq_length": 320,
 }
 QUICK = {
@@ -55,8 +56,8 @@ QUICK = {
     "heldout_images": 24,
     "heldout_questions": 24,
     "pretrain": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3},
-    "pft": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3},
-    "sft": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3},
+    "pft": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
+    "sft": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
     "max_seq_length": 256,
 }
 
@@ -76,7 +77,9 @@ def train(stage: str, model: Path, data: Path, images: Path, out: Path, settings
     run(
         "train", "--stage", stage, "--model", model, "--data", data, "--image-folder", images, "--output", out,
         "--fine-tune-type", "full", "--iters", settings["iters"], "--batch-size", settings["batch_size"],
-        "--learning-rate", settings["learning_rate"], "--warmup-ratio", 0.03, "--max-seq-length", recipe["max_seq_length"],
+        "--learning-rate", settings["learning_rate"], *(
+            ["--vision-learning-rate", settings["vision_learning_rate"]] if "vision_learning_rate" in settings else []
+        ), "--warmup-ratio", 0.03, "--max-seq-length", recipe["max_seq_length"],
         "--seed", 0, "--save-every", max(50, settings["iters"] // 4), "--resume", *(
             ["--balance-loss-coef", 0.1, "--router-z-loss-coef", 0.01] if stage == "sft" else []
         ),
@@ -204,7 +207,7 @@ def main():
     def make_init():
         from cumo_mlx.demo_config import write_initial_model
 
-        write_initial_model(init, moe=False, seed=0)
+        write_initial_model(init, seed=0)
 
     step("init", is_model(init), make_init)
     step("pretrain", is_model(stage1), lambda: train(

@@ -25,6 +25,7 @@ HELP = {
     "lora_dropout": "Dropout on the LoRA input.",
     "lora_layers": "LoRA on the last N decoder layers (-1: all).",
     "learning_rate": "Peak learning rate [default: 1e-3 pretrain, 2e-6 pft, 4e-6 sft; 2e-4 with LoRA].",
+    "vision_learning_rate": "Peak learning rate of the vision tower (LLaVA's mm_vision_tower_lr) [default: --learning-rate].",
     "warmup_ratio": "Share of the steps spent warming the learning rate up (then cosine decay).",
     "weight_decay": "AdamW weight decay.",
     "max_grad_norm": "Clip the gradient norm to this (0: no clipping).",

@@ -31,6 +31,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_layers: int = -1  # the last N decoder layers; -1: all
     learning_rate: Optional[float] = None  # default: DEFAULT_LR
+    vision_learning_rate: Optional[float] = None  # default: learning_rate
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0: no clipping
@@ -63,6 +64,8 @@ class TrainConfig:
         if c.learning_rate is None:
             uses_lora = c.fine_tune_type == "lora" and c.stage != "pretrain"
             c.learning_rate = DEFAULT_LR["lora" if uses_lora else c.stage]
+        if c.vision_learning_rate is None:
+            c.vision_learning_rate = c.learning_rate
         c.max_seq_length = c.max_seq_length or DEFAULT_MAX_LENGTH[c.stage]
         if c.iters is not None and c.epochs is not None:
             raise CuMoError("--iters and --epochs both given", "give one of them")
@@ -74,6 +77,7 @@ class TrainConfig:
             (c.batch_size >= 1, "--batch-size must be at least 1"),
             (c.grad_accumulation_steps >= 1, "--grad-accumulation-steps must be at least 1"),
             (c.learning_rate >= 0 and math.isfinite(c.learning_rate), "--learning-rate must be a non-negative number"),
+            (c.vision_learning_rate >= 0 and math.isfinite(c.vision_learning_rate), "--vision-learning-rate must be a non-negative number"),
             (0 <= c.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (0 <= c.weight_decay < math.inf, "--weight-decay must be non-negative and finite"),
             (c.max_grad_norm >= 0, "--max-grad-norm must be non-negative"),

@@ -9,7 +9,8 @@ tower and the connector train in full when the stage trains them (`freeze_vision
 One optimizer step = `grad_accumulation_steps` micro-batches of `batch_size` samples, each split
 across the data-parallel ranks. Every loss term is normalised by counts over the whole step (see
 `losses`), so ranks and accumulation add up to one big batch. AdamW (torch's: bias-corrected),
-linear warmup then cosine decay (transformers' schedule), gradient clipping at `max_grad_norm`.
+linear warmup then cosine decay (transformers' schedule) to a peak of `learning_rate`, or of
+`vision_learning_rate` for the vision tower; gradient clipping at `max_grad_norm`.
 Trainable weights train in float32.
 
 The output directory gets `metrics.jsonl` (one record per step: the loss of the weights before
@@ -51,7 +52,7 @@ METRICS = "metrics.jsonl"
 # Settings a resumed run must share with the checkpoint to continue the same run.
 RESUME_KEYS = (
     "stage", "fine_tune_type", "template", "freeze_vision", "freeze_connector", "lora_rank", "lora_alpha",
-    "lora_dropout", "lora_layers", "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
+    "lora_dropout", "lora_layers", "learning_rate", "vision_learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
     "grad_accumulation_steps", "seed", "max_seq_length", "sort_by_length", "balance_loss_coef", "router_z_loss_coef",
 )
 
@@ -268,9 +269,11 @@ class Trainer:
         self.parts = configure_trainable(self.model, c)
         if c.grad_checkpoint:
             grad_checkpoint(self.model)
-        self.optimizer = optim.AdamW(
-            learning_rate=0.0, betas=[0.9, 0.999], eps=1e-8, weight_decay=c.weight_decay, bias_correction=True
-        )
+        adamw = [
+            optim.AdamW(learning_rate=0.0, betas=[0.9, 0.999], eps=1e-8, weight_decay=c.weight_decay, bias_correction=True)
+            for _ in range(2)
+        ]  # the vision tower's, then everything else's
+        self.optimizer = optim.MultiOptimizer(adamw, [lambda path, _: path.startswith("vision_tower.")])
         self.optimizer.init(self.model.trainable_parameters())
 
         self.lengths = [s.length for s in self.dataset.samples]
@@ -373,13 +376,16 @@ class Trainer:
         grad_norm = None
         if self.config.max_grad_norm > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, self.config.max_grad_norm)
-        lr = cosine_lr(step - 1, self.total_steps, self.config.learning_rate, self.config.warmup_ratio)
+        c = self.config
+        lr, vision_lr = (cosine_lr(step - 1, self.total_steps, peak, c.warmup_ratio) for peak in (c.learning_rate, c.vision_learning_rate))
         if counts[2]:  # a step whose samples were all bad leaves the weights alone
-            self.optimizer.learning_rate = lr
+            vision, rest = self.optimizer.optimizers
+            vision.learning_rate, rest.learning_rate = vision_lr, lr
             self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state)
         seconds = time.perf_counter() - tic
-        record = {"step": step, "lr": lr, "loss": values[0], **dict(zip(names, values[1:]))}
+        record = {"step": step, "lr": lr, **({"vision_lr": vision_lr} if "vision" in self.parts else {})}
+        record.update(loss=values[0], **dict(zip(names, values[1:])))
         record.update(
             grad_norm=None if grad_norm is None else grad_norm.item(),
             samples=counts[4],

@@ -239,6 +239,7 @@ TRAIN_OPTIONS = {
     "--learning-rate negative": ({"--learning-rate": "-1e-3"}, "--learning-rate must be a non-negative number"),
     "--learning-rate nan": ({"--learning-rate": "nan"}, "--learning-rate must be a non-negative number"),
     "--learning-rate inf": ({"--learning-rate": "inf"}, "--learning-rate must be a non-negative number"),
+    "--vision-learning-rate negative": ({"--vision-learning-rate": "-1e-4"}, "--vision-learning-rate must be a non-negative number"),
     "--warmup-ratio 1": ({"--warmup-ratio": "1"}, "--warmup-ratio must be in [0, 1)"),
     "--weight-decay negative": ({"--weight-decay": "-0.1"}, "--weight-decay must be non-negative"),
     "--weight-decay inf": ({"--weight-decay": "inf"}, "--weight-decay must be non-negative and finite"),

@@ -3,6 +3,7 @@
 import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import cumo_mlx
@@ -14,6 +15,9 @@ from cumo_mlx.demo_config import (
     build_tokenizer,
     demo_config,
     tokenizer_corpus,
+    COLOUR_DIMS,
+    edge_energy_init,
+    edge_patterns,
     write_initial_model,
     write_tokenizer,
 )
@@ -93,6 +97,32 @@ def test_demo_configs():
     assert dense.text_config.vocab_size == build_tokenizer().get_vocab_size()
     assert [layer.name for layer in moe_layers(Model(moe))] == ["vision.0", "vision.1", "vision.2", "connector"]
     assert moe_layers(Model(dense)) == []
+
+
+def test_edge_energy_init_does_not_see_which_colour_is_where():
+    """CLIP's starting point: swapping a shape's and its background's colours negates the patch
+    embedding's edge responses, and the first MLP's energy outputs stay the same (and are nonzero on
+    the shape's outline only)."""
+    model = Model(ModelArgs.from_dict(demo_config(moe=False)))
+    clip = model.vision_tower.vision_model
+    edge_energy_init(clip, seed=0)
+    size, patch = clip.config.image_size, clip.config.patch_size
+    red, blue = mx.array([1.5, -1.0, -0.8]), mx.array([-1.2, -0.3, 1.9])
+    square = np.zeros((size, size, 1), np.float32)
+    square[30:70, 30:70] = 1.0  # edges at 30 and 70: inside patches 2 and 5 of 8
+    square = mx.array(square)
+    images = [bg * (1 - square) + fg * square for fg, bg in ((red, blue), (blue, red))]
+    tokens = [clip.embeddings.patch_embedding(image[None]).reshape(-1, clip.config.hidden_size) for image in images]
+    edges = slice(COLOUR_DIMS, COLOUR_DIMS + 3 * len(edge_patterns(patch)))
+    assert mx.allclose(tokens[0][:, edges], -tokens[1][:, edges], atol=1e-5)
+    energies = slice(edges.stop, edges.stop + len(edge_patterns(patch)))
+    for_energy = [mx.concatenate([mx.zeros_like(t[:, :edges.start]), t[:, edges], mx.zeros_like(t[:, edges.stop:])], 1) for t in tokens]
+    out = [clip.encoder.layers[0].mlp(t)[:, energies] for t in for_energy]
+    assert mx.allclose(out[0], out[1], atol=1e-4)
+    strength = np.array(mx.abs(out[0]).sum(1)).reshape(8, 8)
+    on_outline = np.zeros((8, 8), bool)
+    on_outline[2:6, [2, 5]] = on_outline[[2, 5], 2:6] = True
+    assert strength[on_outline].min() > 10 * strength[~on_outline].max()
 
 
 def test_initial_model_loads_and_runs(tmp_path):

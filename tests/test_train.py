@@ -273,6 +273,21 @@ def test_metrics_record_per_step_and_step_one_is_the_initial_loss(work, tmp_path
     assert all(r["tokens"] > 0 for r in rs)
 
 
+def test_vision_learning_rate_sets_the_towers_own_peak(work, tmp_path):
+    """--vision-learning-rate 0 keeps CLIP where it was while the connector and the LLM train at --learning-rate."""
+    out = tmp_path / "out"
+    trainer = Trainer(config(work, out, model="dense", stage="pft", fine_tune_type="full", iters=3, warmup_ratio=0.5,
+                             vision_learning_rate=0.0))
+    before = {k: np.array(v) for k, v in flat(trainer.model.parameters()).items()}
+    trainer.run()
+    after = flat(trainer.model.parameters())
+    moved = {k.split(".")[0] for k, v in after.items() if not np.array_equal(np.array(v, copy=False), before[k])}
+    assert moved == {"mm_projector", "language_model"}
+    rs = records(out)
+    assert [r["vision_lr"] for r in rs] == [0.0, 0.0, 0.0]
+    assert [r["lr"] for r in rs] == pytest.approx([0.0, 5e-4, 1e-3])
+
+
 def test_cosine_schedule():
     values = [cosine_lr(s, 100, 1.0, 0.03) for s in range(100)]
     assert values[0] == 0.0 and values[3] == 1.0 and values[1] == pytest.approx(1 / 3)
