@@ -35,11 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHIP_DIR = ROOT / "cumo_mlx" / "demo"
 
-# The recipe (a first budget for ~30 min on 2 CPU cores, not yet tuned for accuracy). Learning
-# rates are far above the paper's because the demo trains from scratch. Measured on this machine
-# (2 cores, little other load): ~0.3 s a pretrain step, ~0.45 s a pft step, ~0.6 s an sft step at
-# batch 8. Multi-turn instruction samples give several supervised answers per image for little
-# more compute than one (the image and the system prompt dominate the sequence).
+# The recipe (sized for under 30 min on 2 CPU cores). Learning rates are far above the paper's
+# because the demo trains from scratch; CLIP trains at a tenth of that, or it loses the edge detector
+# it starts as. Measured on this machine (2 cores): ~0.3 s a pretrain step, ~0.35-0.47 s a pft step,
+# ~0.6-0.67 s an sft step at batch 8, 20-27 min in all. Multi-turn instruction samples give several
+# supervised answers per image for little more compute than one (the image and the system prompt
+# dominate the sequence).
 FULL = {
     "train_images": 6000,
     "train_data_args": ["--multi-turn", 0.5, "--max-turns", 5],
@@ -47,7 +48,7 @@ FULL = {
     "heldout_questions": 500,
     "pretrain": {"iters": 100, "batch_size": 8, "learning_rate": 1e-3},
     "pft": {"iters": 1000, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
-    "sft": {"iters": 1300, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
+    "sft": {"iters": 1500, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
     "max_seq_length": 320,
 }
 QUICK = {
@@ -135,10 +136,12 @@ def model_card(work: Path) -> str:
     return f"""# cumo-mlx demo model
 
 A tiny CuMo (CLIP-MoE vision tower with S2 scales [1, 2], MoE connector, 4-layer Mistral LLM; 4 experts, top-2,
-in every vision layer and in the connector) trained from scratch by `benchmarks/demo_recipe.py` with the real
-`cumo-mlx` commands (pretrain, pre-finetune, upcycle, SFT with balance and router-z losses) on the synthetic
-shapes dataset (`cumo-mlx data shapes`), in {minutes} on a 2-core CPU. Weights in float16. Licence: as
-cumo-mlx.
+in every vision layer and in the connector) trained by `benchmarks/demo_recipe.py` with the real `cumo-mlx`
+commands (pretrain, pre-finetune, upcycle, SFT with balance and router-z losses) on the synthetic shapes
+dataset (`cumo-mlx data shapes`), in {minutes} on a 2-core CPU. Everything starts from random weights except
+CLIP's patch embedding and first layer, which start as a colour-invariant edge detector (the part a
+pretrained CLIP plays in the real CuMo; `cumo_mlx.demo_config.edge_energy_init`). Weights in float16.
+Licence: as cumo-mlx.
 
 **What it is for:** one-word questions about images of 1-3 filled shapes (circle, square, triangle, star;
 red, green, blue, yellow, purple, orange, white, black) on a plain background:
