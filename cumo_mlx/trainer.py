@@ -52,8 +52,9 @@ METRICS = "metrics.jsonl"
 # Settings a resumed run must share with the checkpoint to continue the same run.
 RESUME_KEYS = (
     "stage", "fine_tune_type", "template", "freeze_vision", "freeze_connector", "lora_rank", "lora_alpha",
-    "lora_dropout", "lora_layers", "learning_rate", "vision_learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size",
-    "grad_accumulation_steps", "seed", "max_seq_length", "sort_by_length", "balance_loss_coef", "router_z_loss_coef",
+    "lora_dropout", "lora_layers", "learning_rate", "vision_learning_rate", "warmup_ratio", "weight_decay",
+    "max_grad_norm", "batch_size", "grad_accumulation_steps", "seed", "max_seq_length", "sort_by_length",
+    "balance_loss_coef", "router_z_loss_coef",
 )
 
 
@@ -377,7 +378,9 @@ class Trainer:
         if self.config.max_grad_norm > 0:
             grads, grad_norm = optim.clip_grad_norm(grads, self.config.max_grad_norm)
         c = self.config
-        lr, vision_lr = (cosine_lr(step - 1, self.total_steps, peak, c.warmup_ratio) for peak in (c.learning_rate, c.vision_learning_rate))
+        lr, vision_lr = (
+            cosine_lr(step - 1, self.total_steps, peak, c.warmup_ratio) for peak in (c.learning_rate, c.vision_learning_rate)
+        )
         if counts[2]:  # a step whose samples were all bad leaves the weights alone
             vision, rest = self.optimizer.optimizers
             vision.learning_rate, rest.learning_rate = vision_lr, lr
