@@ -9,19 +9,22 @@ package's Python API), in the order of the CuMo recipe:
  2. init        the dense demo model's starting point + the demo tokenizer: random weights but
                 for CLIP, which starts as a colour-invariant edge detector
                 (cumo_mlx.demo_config.write_initial_model, edge_energy_init)
- 3. pretrain    cumo-mlx train --stage pretrain   (connector only, `plain` captions)
- 4. pft         cumo-mlx train --stage pft        (everything, dense, captions as instructions:
+ 3. vision      CLIP learns what lies at each patch from the training scenes' descriptions, the
+                knowledge a pretrained CLIP brings (cumo_mlx.vision_pretraining)
+ 4. pretrain    cumo-mlx train --stage pretrain   (connector only, `plain` captions)
+ 5. pft         cumo-mlx train --stage pft        (everything, dense, captions as instructions:
                 CuMo pre-finetunes on detailed captions)
- 5. upcycle     cumo-mlx upcycle --num-experts 4 --top-k 2   (CLIP-MoE + MoE connector)
- 6. sft         cumo-mlx train --stage sft        (everything + balance and router-z losses,
+ 6. upcycle     cumo-mlx upcycle --num-experts 4 --top-k 2   (CLIP-MoE + MoE connector)
+ 7. sft         cumo-mlx train --stage sft        (everything + balance and router-z losses,
                 the one-word question instructions)
- 7. evaluate    greedy answers to the held-out questions: accuracy per question type
- 8. experts     cumo-mlx experts: route statistics and the layer x expert heatmap
- 9. ship        (--ship) float16 weights + tokenizer into cumo_mlx/demo/, with the figures
+ 8. evaluate    greedy answers to the held-out questions: accuracy per question type
+ 9. experts     cumo-mlx experts: route statistics and the layer x expert heatmap
+10. ship        (--ship) float16 weights + tokenizer into cumo_mlx/demo/, with the figures
 
 A step whose output already exists is skipped, and an interrupted training stage resumes from its
-last checkpoint (`--resume`), so an interrupted recipe continues; --force redoes everything. --quick runs every step for a few dozen iterations on a small dataset (a smoke test of the
-recipe, not a usable model). Timings of every step go to WORK/recipe.json.
+last checkpoint (`--resume`), so an interrupted recipe continues; --force redoes everything.
+--quick runs every step for a few dozen iterations on a small dataset (a smoke test of the recipe,
+not a usable model). Timings of every step go to WORK/recipe.json.
 """
 
 import argparse
@@ -37,18 +40,19 @@ SHIP_DIR = ROOT / "cumo_mlx" / "demo"
 
 # The recipe (sized for under 30 min on 2 CPU cores). Learning rates are far above the paper's
 # because the demo trains from scratch; CLIP trains at a tenth of that, or it loses the edge detector
-# it starts as. Measured on this machine (2 cores): ~0.3 s a pretrain step, ~0.35-0.47 s a pft step,
-# ~0.6-0.67 s an sft step at batch 8, 20-27 min in all. Multi-turn instruction samples give several
-# supervised answers per image for little more compute than one (the image and the system prompt
-# dominate the sequence).
+# it starts as. Measured on this machine (2 cores): ~0.3 s a vision-pretraining step at batch 16,
+# ~0.25 s a pretrain step, ~0.37 s a pft step, ~0.63 s an sft step at batch 8. Multi-turn instruction
+# samples give several supervised answers per image for little more compute than one (the image and
+# the system prompt dominate the sequence).
 FULL = {
     "train_images": 6000,
     "train_data_args": ["--multi-turn", 0.5, "--max-turns", 5],
     "heldout_images": 480,  # ~510 questions: the first 500 are scored
     "heldout_questions": 500,
+    "vision": {"steps": 1200, "batch_size": 16, "learning_rate": 2e-3, "edge_learning_rate": 2e-4},
     "pretrain": {"iters": 100, "batch_size": 8, "learning_rate": 1e-3},
-    "pft": {"iters": 1000, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
-    "sft": {"iters": 1500, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
+    "pft": {"iters": 600, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
+    "sft": {"iters": 1400, "batch_size": 8, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
     "max_seq_length": 320,
 }
 QUICK = {
@@ -56,6 +60,7 @@ QUICK = {
     "train_data_args": ["--multi-turn", 0.5, "--max-turns", 5],
     "heldout_images": 24,
     "heldout_questions": 24,
+    "vision": {"steps": 24, "batch_size": 4, "learning_rate": 2e-3, "edge_learning_rate": 2e-4},
     "pretrain": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3},
     "pft": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
     "sft": {"iters": 24, "batch_size": 4, "learning_rate": 1e-3, "vision_learning_rate": 1e-4},
@@ -138,9 +143,12 @@ def model_card(work: Path) -> str:
 A tiny CuMo (CLIP-MoE vision tower with S2 scales [1, 2], MoE connector, 4-layer Mistral LLM; 4 experts, top-2,
 in every vision layer and in the connector) trained by `benchmarks/demo_recipe.py` with the real `cumo-mlx`
 commands (pretrain, pre-finetune, upcycle, SFT with balance and router-z losses) on the synthetic shapes
-dataset (`cumo-mlx data shapes`), in {minutes} on a 2-core CPU. Everything starts from random weights except
-CLIP's patch embedding and first layer, which start as a colour-invariant edge detector (the part a
-pretrained CLIP plays in the real CuMo; `cumo_mlx.demo_config.edge_energy_init`). Weights in float16.
+dataset (`cumo-mlx data shapes`), in {minutes} on a 2-core CPU. CLIP plays the part of the pretrained CLIP
+of the real CuMo: it starts as a colour-invariant edge detector (`cumo_mlx.demo_config.edge_energy_init`)
+and is pre-trained, before the three stages, to tell at every patch the colour and kind of the shape
+covering it, whether that shape is the largest, whether a shape's centre lies there, how many shapes there
+are and which is clearly the largest (learned from the training scenes' descriptions;
+`cumo_mlx.vision_pretraining`). Everything else starts from random weights. Weights in float16.
 Licence: as cumo-mlx.
 
 **What it is for:** one-word questions about images of 1-3 filled shapes (circle, square, triangle, star;
@@ -189,7 +197,9 @@ def main():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     train_data, heldout = work / "data", work / "heldout"
-    init, stage1, stage2, upcycled, stage3 = (work / n for n in ("init", "pretrain", "pft", "upcycled", "sft"))
+    init, vision, stage1, stage2, upcycled, stage3 = (
+        work / n for n in ("init", "vision", "pretrain", "pft", "upcycled", "sft")
+    )
     timings = {}
 
     def step(name: str, done: bool, action) -> None:
@@ -212,9 +222,19 @@ def main():
 
         write_initial_model(init, seed=0)
 
+    def make_vision():
+        import cumo_mlx
+        from cumo_mlx.loader import save
+        from cumo_mlx.vision_pretraining import pretrain_vision_tower
+
+        model, processor = cumo_mlx.load(init)
+        pretrain_vision_tower(model, processor, train_data, **recipe["vision"], progress=True)
+        save(vision, model, tokenizer_source=init, extra_config={"tokenizer_padding_side": "right"})
+
     step("init", is_model(init), make_init)
+    step("vision", is_model(vision), make_vision)
     step("pretrain", is_model(stage1), lambda: train(
-        "pretrain", init, train_data / "pretrain.json", train_data, stage1, recipe["pretrain"], recipe))
+        "pretrain", vision, train_data / "pretrain.json", train_data, stage1, recipe["pretrain"], recipe))
     step("pft", is_model(stage2), lambda: train(
         "pft", stage1, train_data / "captions.json", train_data, stage2, recipe["pft"], recipe))
     step("upcycle", is_model(upcycled), lambda: run(

@@ -88,6 +88,12 @@ class Scene:
     def by_type(self, shape: str) -> list[Shape]:
         return [s for s in self.shapes if s.shape == shape]
 
+    @staticmethod
+    def from_record(record: dict) -> "Scene":
+        """The scene of a `scenes.json` record."""
+        shapes = [Shape(**dict(item, center=tuple(item["center"]), bbox=tuple(item["bbox"]))) for item in record["shapes"]]
+        return Scene(record["width"], record["height"], record["background"], record["noise"], shapes)
+
     def largest(self) -> Optional[Shape]:
         """The largest shape when it is clearly the largest (LARGEST_MARGIN), else None."""
         if len(self.shapes) < 2:
