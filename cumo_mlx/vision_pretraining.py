@@ -61,10 +61,9 @@ def patch_labels(scene: Scene, image_size: int, grid: int) -> np.ndarray:
     owner = np.where(cover.max(axis=1) >= OWNED, cover.argmax(axis=1), -1)
 
     colours, kinds = list(COLOURS), list(SHAPES)
-    owned = owner >= 0
     colour = np.array([colours.index(scene.shapes[o].colour) if o >= 0 else len(colours) for o in owner])
     kind = np.array([kinds.index(scene.shapes[o].shape) if o >= 0 else len(kinds) for o in owner])
-    pair = np.where(owned, colour * len(kinds) + kind, len(colours) * len(kinds))
+    pair = np.where(owner >= 0, colour * len(kinds) + kind, len(colours) * len(kinds))
     largest = (owner == int(np.argmax([item.area for item in scene.shapes]))).astype(np.int64)
     centre = np.zeros(grid * grid, np.int64)
     for item in scene.shapes:

@@ -8,7 +8,7 @@ from cumo_mlx.demo_config import demo_config, write_tokenizer
 from cumo_mlx.loader import load_processor
 from cumo_mlx.model import Model
 from cumo_mlx.shapes import COLOURS, SHAPES, Scene, Shape, write_dataset
-from cumo_mlx.vision_pretraining import pretrain_vision_tower, patch_labels
+from cumo_mlx.vision_pretraining import TARGETS, patch_labels, pretrain_vision_tower
 
 NONE_COLOUR, NONE_SHAPE = len(COLOURS), len(SHAPES)
 
@@ -42,7 +42,8 @@ def test_patch_labels_follow_the_padded_image():
 
 def test_no_largest_kind_without_a_clear_largest():
     equal = scene(100, 100, ("square", "red", (25, 50), 15, 600), ("star", "blue", (75, 50), 15, 500))
-    assert (patch_labels(equal, image_size=96, grid=8)[:, 6] == NONE_SHAPE).all()
+    column = [name for name, _ in TARGETS].index("largest_kind")
+    assert (patch_labels(equal, image_size=96, grid=8)[:, column] == NONE_SHAPE).all()
 
 
 def test_the_tower_learns_the_patch_labels(tmp_path):
