@@ -89,3 +89,14 @@ def test_train_memory():
         assert all(positive(r["peak_gb"]) and 0 < r["trainable"] <= r["parameters"] for r in figures["runs"].values())
         assert figures["cumo_7b_peak_gb"] > figures["runs"]["1x2"]["peak_gb"]
     assert result["modes"]["lora"]["runs"]["1x2"]["trainable"] < result["modes"]["full"]["runs"]["1x2"]["trainable"]
+
+
+def test_binding_probe():
+    result = run("binding_probe")
+    assert result["steps"] == 6 and result["heads"] > 0 and result["kv_heads"] > 0
+    first, last = result["loss_first_last"]
+    assert last < first  # the LLM learns from the ideal features
+    accuracy = result["accuracy"]
+    assert accuracy["overall"]["total"] == 12 and "overall" in accuracy and len(accuracy) > 1
+    assert sum(row["total"] for kind, row in accuracy.items() if kind != "overall") == 12
+    assert all(0 <= row["accuracy"] <= 1 for row in accuracy.values())
