@@ -114,7 +114,7 @@ def train_and_ask(
     samples = []
     for sample in dataset.samples:
         ids, targets = tokenize_with_labels(processor.tokenize, *build_prompt(sample.turns, dataset.template))
-        image = sample.images[0].relative_to(data.resolve()).as_posix()
+        image = sample.images[0].resolve().relative_to(data.resolve()).as_posix()
         samples.append((Encoded(ids, targets, None), train_labels[image]))
 
     warmup = max(1, steps // 50)
