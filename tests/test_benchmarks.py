@@ -97,6 +97,31 @@ def test_binding_probe():
     first, last = result["loss_first_last"]
     assert last < first  # the LLM learns from the ideal features
     accuracy = result["accuracy"]
-    assert accuracy["overall"]["total"] == 12 and "overall" in accuracy and len(accuracy) > 1
+    assert accuracy["overall"]["total"] == 12 and len(accuracy) > 1
     assert sum(row["total"] for kind, row in accuracy.items() if kind != "overall") == 12
     assert all(0 <= row["accuracy"] <= 1 for row in accuracy.values())
+
+
+def test_binding_probe_reads_the_labels_at_the_image_rows():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import binding_probe
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import mlx.core as mx
+    import numpy as np
+    from cumo_mlx.config import ModelArgs
+    from cumo_mlx.demo_config import demo_config
+    from cumo_mlx.model import Model
+
+    probe = binding_probe.Probe(Model(ModelArgs.from_dict(demo_config(vocab_size=300))).language_model)
+    patches, targets = binding_probe.GRID**2, len(binding_probe.TARGETS)
+    tokens = mx.array([[1] + [0] * patches + [5, 6]])
+    rows = mx.array([[-1, *range(patches), -1, -1]])
+    labels = np.zeros((1, patches, targets), np.int32)
+    other = labels.copy()
+    other[0, 10, 0] = 3  # one patch's colour
+    base = probe.hidden(tokens, rows, mx.array(labels))[0, -1]
+    assert not mx.allclose(base, probe.hidden(tokens, rows, mx.array(other))[0, -1]).item()
+    filled = mx.array([[1] + [7] * patches + [5, 6]])  # the ids under image rows are not read
+    assert mx.allclose(base, probe.hidden(filled, rows, mx.array(labels))[0, -1]).item()
