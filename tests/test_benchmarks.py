@@ -102,12 +102,39 @@ def test_binding_probe():
     assert all(0 <= row["accuracy"] <= 1 for row in accuracy.values())
 
 
-def test_binding_probe_reads_the_labels_at_the_image_rows():
+def import_binding_probe():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import binding_probe
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return binding_probe
+
+
+def test_binding_probe_text_puts_the_caption_in_place_of_the_image(tmp_path):
+    binding_probe = import_binding_probe()
+    from cumo_mlx.config import ModelArgs
+    from cumo_mlx.data import IMAGE_TOKEN_INDEX
+    from cumo_mlx.demo_config import demo_config, write_tokenizer
+    from cumo_mlx.loader import load_processor
+    from cumo_mlx.shapes import write_dataset
+
+    write_dataset(tmp_path / "data", 6, seed=0, progress=False)
+    processor = load_processor(write_tokenizer(tmp_path / "tokenizer"), ModelArgs.from_dict(demo_config()))
+    scenes = list(binding_probe.read_scenes(tmp_path / "data").values())
+    with_images = binding_probe.training_samples(tmp_path / "data", processor, text=False)
+    with_text = binding_probe.training_samples(tmp_path / "data", processor, text=True)
+    for scene, (image, _), (text, labels) in zip(scenes, with_images, with_text, strict=True):
+        assert image.ids.count(IMAGE_TOKEN_INDEX) == 1 and IMAGE_TOKEN_INDEX not in text.ids
+        at = image.ids.index(IMAGE_TOKEN_INDEX)  # the caption starts where the image was, the rest is the same
+        assert processor.tokenizer.decode(text.ids[at:]).startswith(binding_probe.caption(scene) + "\n")
+        rest = image.ids[at + 2 :]  # from the newline after the image (a "▁" piece comes between)
+        assert text.ids[-len(rest) :] == rest
+        assert (labels == binding_probe.scene_labels(scene)).all()
+
+
+def test_binding_probe_reads_the_labels_at_the_image_rows():
+    binding_probe = import_binding_probe()
     import mlx.core as mx
     import numpy as np
     from cumo_mlx.config import ModelArgs
