@@ -14,8 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 MACHINE = {"date", "system", "cpu", "cores", "memory_gb", "mlx", "device", "blas"}
 
 
-def run(name: str) -> dict:
-    command = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--json"]
+def run(name: str, *args: str) -> dict:
+    command = [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", "--json", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -100,6 +100,9 @@ def test_binding_probe():
     assert accuracy["overall"]["total"] == 12 and len(accuracy) > 1
     assert sum(row["total"] for kind, row in accuracy.items() if kind != "overall") == 12
     assert all(0 <= row["accuracy"] <= 1 for row in accuracy.values())
+    assert result["seed"] == 0 and result["input"] == "ideal image features"
+    reseeded = run("binding_probe", "--seed", "1")  # another initial LLM: another first loss
+    assert reseeded["seed"] == 1 and reseeded["loss_first_last"][0] != first
 
 
 def import_binding_probe():
