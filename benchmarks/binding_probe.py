@@ -25,6 +25,7 @@ images, nor from the caption in words: the binding that holds the demo back is t
 not the vision tower's. (Naming a random colour of the image gets 68% of the held-out colour questions.)
 """
 
+import functools
 import json
 import tempfile
 import time
@@ -200,24 +201,18 @@ def main():
     parser.add_argument("--text", action="store_true", help="Give the LLM each image's caption instead.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the LLM's initial weights and the batch order.")
     options = parser.parse_args()
-    heads = options.heads, options.kv_heads
+    measure = functools.partial(
+        train_and_ask, heads=options.heads, kv_heads=options.kv_heads, text=options.text, seed=options.seed
+    )
     if options.quick:
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             write_dataset(work / "data", 24, seed=0, progress=False)
             write_dataset(work / "heldout", 24, seed=1, progress=False)
-            figures = train_and_ask(work, 6, 4, 1e-3, *heads, 12, options.text, options.seed)
+            figures = measure(work, steps=6, batch_size=4, learning_rate=1e-3, questions=12)
     else:
-        figures = train_and_ask(
-            options.work,
-            options.steps,
-            options.batch_size,
-            options.learning_rate,
-            *heads,
-            options.questions,
-            options.text,
-            options.seed,
-        )
+        steps, batch_size, learning_rate = options.steps, options.batch_size, options.learning_rate
+        figures = measure(options.work, steps, batch_size, learning_rate, questions=options.questions)
     result = {"machine": harness.machine(), "quick": options.quick, **figures}
     rows = [
         [kind, f"{row['correct']}/{row['total']}", f"{100 * row['accuracy']:.1f}%"]
