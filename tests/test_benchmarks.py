@@ -3,6 +3,7 @@
 Nothing here depends on timing; it keeps the benchmarks from rotting as the code changes.
 """
 
+import importlib
 import json
 import subprocess
 import sys
@@ -105,17 +106,16 @@ def test_binding_probe():
     assert reseeded["seed"] == 1 and reseeded["loss_first_last"][0] != first
 
 
-def import_binding_probe():
+def import_benchmark(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import binding_probe
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCHMARKS))
-    return binding_probe
 
 
 def test_binding_probe_text_puts_the_caption_in_place_of_the_image(tmp_path):
-    binding_probe = import_binding_probe()
+    binding_probe = import_benchmark("binding_probe")
     from cumo_mlx.config import ModelArgs
     from cumo_mlx.data import IMAGE_TOKEN_INDEX
     from cumo_mlx.demo_config import demo_config, write_tokenizer
@@ -137,7 +137,7 @@ def test_binding_probe_text_puts_the_caption_in_place_of_the_image(tmp_path):
 
 
 def test_binding_probe_reads_the_labels_at_the_image_rows():
-    binding_probe = import_binding_probe()
+    binding_probe = import_benchmark("binding_probe")
     import mlx.core as mx
     import numpy as np
     from cumo_mlx.config import ModelArgs
@@ -155,3 +155,28 @@ def test_binding_probe_reads_the_labels_at_the_image_rows():
     assert not mx.allclose(base, probe.hidden(tokens, rows, mx.array(other))[0, -1]).item()
     filled = mx.array([[1] + [7] * patches + [5, 6]])  # the ids under image rows are not read
     assert mx.allclose(base, probe.hidden(filled, rows, mx.array(labels))[0, -1]).item()
+
+
+def test_lookup_probe():
+    result = run("lookup_probe", "--prompt", "demo", "--layers", "1")
+    assert result["prompt"] == "demo" and result["layers"] == 1 and result["questions"] == 1
+    curve = result["heldout_accuracy"]
+    assert list(curve) == [str(step) for step in range(1, 7)]  # checked after every step of the 6
+    assert all(0.0 <= share <= 1.0 for share in curve.values())
+
+
+@pytest.mark.parametrize("prompt", ["bare", "demo"])
+def test_lookup_probe_answers_are_the_colour_bound_to_the_asked_shape(prompt):
+    import numpy as np
+
+    p = import_benchmark("lookup_probe")
+    rows, answers = p.make_sequences(np.random.default_rng(0), 50, 64, 3, prompt)
+    start = 1 if prompt == "bare" else len(p.DEMO_PREFIX)
+    assert answers.sum() == 150 and (rows[:, :start] == (p.DEMO_PREFIX[:start] if prompt == "demo" else p.BOS)).all()
+    for row, answer in zip(rows, answers):
+        image = row[start : start + 64]
+        bound = {(t - p.PATCH0) // p.COLOURS: (t - p.PATCH0) % p.COLOURS for t in image if t >= p.PATCH0}
+        assert len(bound) == p.SHAPES_A_SCENE and (image == p.BACKGROUND).sum() >= 64 - 3 * p.MOST_PATCHES
+        for at in np.flatnonzero(answer):
+            shape = row[at - (2 if prompt == "bare" else 3)]  # the shape word, two or three tokens back
+            assert row[at] - p.COLOUR0 == bound[shape - p.SHAPE0]
