@@ -72,21 +72,25 @@ def make_sequences(rng: np.random.Generator, count: int, patches: int, questions
     return np.array(rows, dtype=np.int32), np.array(answers)
 
 
-def answer_logits(model: nn.Module, tokens: mx.array, answers: mx.array) -> tuple[mx.array, mx.array]:
-    """Logits at the positions that predict an answer, and the answers."""
+def predicting(answers: np.ndarray) -> mx.array:
+    """Flat indices into [rows, L - 1] of the positions that predict an answer."""
+    return mx.array(np.flatnonzero(answers[:, 1:]).astype(np.int32))
+
+
+def answer_logits(model: nn.Module, tokens: mx.array, at: mx.array) -> tuple[mx.array, mx.array]:
+    """Logits at the positions `at` (see `predicting`), and the answers there."""
     hidden = model.model(tokens[:, :-1])[0]
-    at = mx.array(np.flatnonzero(np.asarray(answers[:, 1:])).astype(np.int32))
     hidden = hidden.reshape(-1, hidden.shape[-1])[at]
     return model.lm_head(hidden), tokens[:, 1:].reshape(-1)[at]
 
 
-def loss_fn(model: nn.Module, tokens: mx.array, answers: mx.array) -> mx.array:
-    logits, targets = answer_logits(model, tokens, answers)
+def loss_fn(model: nn.Module, tokens: mx.array, at: mx.array) -> mx.array:
+    logits, targets = answer_logits(model, tokens, at)
     return nn.losses.cross_entropy(logits, targets).mean()
 
 
 def accuracy(model: nn.Module, tokens: np.ndarray, answers: np.ndarray) -> float:
-    logits, targets = answer_logits(model, mx.array(tokens), mx.array(answers))
+    logits, targets = answer_logits(model, mx.array(tokens), predicting(answers))
     return (logits.argmax(-1) == targets).mean().item()
 
 
@@ -115,7 +119,7 @@ def train_and_score(
     for step in range(1, steps + 1):
         size = warmup_patches if step <= warmup_steps else patches
         tokens, answers = make_sequences(rng, batch_size, size, questions, prompt)
-        loss, grads = loss_and_grad(model, mx.array(tokens), mx.array(answers))
+        loss, grads = loss_and_grad(model, mx.array(tokens), predicting(answers))
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
