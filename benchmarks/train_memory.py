@@ -40,7 +40,7 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int, quick: bo
     from cumo_mlx.data import Encoded, collate
     from cumo_mlx.losses import batch_losses
     from cumo_mlx.model import Model
-    from cumo_mlx.trainer import TrainConfig, configure_trainable, grad_checkpoint
+    from cumo_mlx.trainer import TrainConfig, adamw, configure_trainable, grad_checkpoint
 
     llm, clip = TINY if quick else CUMO_7B
     config = {
@@ -57,7 +57,7 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int, quick: bo
                                                    lora_rank=64, lora_alpha=16, lora_dropout=0.0, lora_layers=-1).resolved())
     grad_checkpoint(model)
     model.train()
-    optimizer = optim.AdamW(learning_rate=1e-5, weight_decay=0.0, bias_correction=True)
+    optimizer = adamw(1e-5)
     rng = np.random.default_rng(0)
     ids = [1] + rng.integers(3, vocab, 20).tolist() + [-200] + rng.integers(3, vocab, tokens - 21).tolist()
     labels = [-100] * 22 + ids[22:]

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .shapes import COLOURS, SHAPES, Scene, outline
+from .trainer import adamw
 
 # (name, classes). Per patch, of the shape covering it: colour, kind, the pair of both ("none" is the
 # last class of each), whether it is the largest, whether its centre lies in the patch. Per image, on
@@ -131,10 +132,7 @@ def pretrain_vision_tower(
     feature_size = model.args.vision_config.hidden_size * len(model.vision_tower.scales)
     readout = PatchReadout(model.vision_tower, feature_size)
     optimizer = optim.MultiOptimizer(
-        [
-            optim.AdamW(learning_rate=optim.cosine_decay(rate, steps), weight_decay=0.0)
-            for rate in (edge_learning_rate, learning_rate)
-        ],
+        [adamw(optim.cosine_decay(rate, steps)) for rate in (edge_learning_rate, learning_rate)],
         [lambda path, _: path.startswith(EDGE_DETECTOR)],
     )
     loss_and_grad = nn.value_and_grad(readout, readout_loss)
