@@ -166,6 +166,47 @@ def test_lookup_probe():
     assert len(set(curve.values())) > 1  # the LLM changes as it trains
 
 
+def test_lookup_probe_exists_task_with_captions():
+    result = run("lookup_probe", "--task", "exists", "--caption-every", "2", "--layers", "1")
+    assert result["task"] == "exists" and result["caption_every"] == 2
+    assert len(set(result["heldout_accuracy"].values())) > 1
+
+
+@pytest.mark.parametrize("prompt", ["bare", "demo"])
+def test_lookup_probe_exists_answers_say_whether_the_pair_is_drawn(prompt):
+    import numpy as np
+
+    p = import_benchmark("lookup_probe")
+    rows, answers = p.make_sequences(np.random.default_rng(0), 200, 64, 2, prompt, "exists")
+    start = 1 if prompt == "bare" else len(p.DEMO_PREFIX)
+    replies = []
+    for row, answer in zip(rows, answers):
+        drawn = {((t - p.PATCH0) % p.COLOURS, (t - p.PATCH0) // p.COLOURS) for t in row[start : start + 64] if t >= p.PATCH0}
+        for at in np.flatnonzero(answer):
+            back = 2 if prompt == "bare" else 3  # the shape word; the colour word just before it
+            colour, shape = row[at - back - 1] - p.COLOUR0, row[at - back] - p.SHAPE0
+            assert 0 <= colour < p.COLOURS and 0 <= shape < p.SHAPES
+            assert row[at] == (p.YES if (colour, shape) in drawn else p.NO)
+            replies.append(row[at])
+    assert 0.4 < replies.count(p.YES) / len(replies) < 0.6
+
+
+def test_lookup_probe_captions_list_the_pairs_in_reading_order():
+    import numpy as np
+
+    p = import_benchmark("lookup_probe")
+    rows, answers = p.make_sequences(np.random.default_rng(0), 20, 64, 1, "bare", "caption")
+    for row, answer in zip(rows, answers):
+        image, words = row[1:65], row[66:]
+        assert row[65] == p.DESCRIBE and answer[66:].all() and not answer[:66].any()
+        firsts = []
+        for t in image:
+            if t >= p.PATCH0 and t not in firsts:
+                firsts.append(t)
+        pairs = [(p.COLOUR0 + (t - p.PATCH0) % p.COLOURS, p.SHAPE0 + (t - p.PATCH0) // p.COLOURS) for t in firsts]
+        assert [tuple(words[i : i + 2]) for i in range(0, len(words), 2)] == pairs
+
+
 @pytest.mark.parametrize("prompt", ["bare", "demo"])
 def test_lookup_probe_answers_are_the_colour_bound_to_the_asked_shape(prompt):
     import numpy as np
