@@ -172,6 +172,14 @@ def test_lookup_probe_exists_task_with_captions():
     assert len(set(result["heldout_accuracy"].values())) > 1
 
 
+def test_lookup_probe_trains_on_captions_every_kth_step(monkeypatch):
+    p = import_benchmark("lookup_probe")
+    asked, make = [], p.make_sequences
+    monkeypatch.setattr(p, "make_sequences", lambda *a: asked.append(a[5]) or make(*a))
+    p.train_and_score(4, 2, 1e-3, 1, 16, 8, 0, 1, "bare", 0, task="exists", caption_every=2, checks=1)
+    assert asked[1:] == ["exists", "caption", "exists", "caption"]  # after the held-out set (exists)
+
+
 @pytest.mark.parametrize("prompt", ["bare", "demo"])
 def test_lookup_probe_exists_answers_say_whether_the_pair_is_drawn(prompt):
     import numpy as np
