@@ -27,8 +27,14 @@ def data(ctx):
     help="Share of instruction samples with two or three question turns.",
 )
 @click.option("--max-turns", default=3, show_default=True, type=click.IntRange(1, 8), help="Most question turns in a multi-turn sample.")
+@click.option(
+    "--follow-ups",
+    default="shape,colour,count,exists,largest",
+    show_default=True,
+    help="Comma-separated question types of the turns after the first.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def shapes(out: Path, count: int, seed: int, multi_turn: float, max_turns: int, progress):
+def shapes(out: Path, count: int, seed: int, multi_turn: float, max_turns: int, follow_ups: str, progress):
     """Render a synthetic dataset of coloured shapes with captions and one-word questions.
 
     Writes OUT/images/*.png, OUT/pretrain.json (stage-1 captions, `plain` style),
@@ -37,14 +43,19 @@ def shapes(out: Path, count: int, seed: int, multi_turn: float, max_turns: int, 
     type, for per-type accuracy) and OUT/scenes.json (what was drawn). Image paths are relative to
     OUT. Answers are one lowercase word; counts are words (one, two, three).
     """
-    from cumo_mlx.shapes import write_dataset
+    from cumo_mlx.shapes import QUESTION_TYPES, write_dataset
 
+    follow_up_types = tuple(kind.strip() for kind in follow_ups.split(","))
+    if unknown := [kind for kind in follow_up_types if kind not in QUESTION_TYPES]:
+        raise CuMoError(f"--follow-ups: unknown question type {unknown[0]!r}", f"choose from {','.join(QUESTION_TYPES)}")
     if not 0 <= multi_turn <= 1:  # FloatRange lets nan through
         raise CuMoError(f"--multi-turn must be in [0, 1], got {multi_turn}", "give a share between 0 and 1")
     if out.exists() and not out.is_dir():
         raise CuMoError(f"--out {out} is a file", "give a folder")
     try:
-        summary = write_dataset(out, count, seed=seed, multi_turn=multi_turn, progress=progress, max_turns=max_turns)
+        summary = write_dataset(
+            out, count, seed=seed, multi_turn=multi_turn, progress=progress, max_turns=max_turns, follow_ups=follow_up_types
+        )
     except OSError as e:
         raise CuMoError(f"cannot write the dataset to {out}: {e.strerror or e}", "check the path, its permissions and free space") from None
     types = ", ".join(f"{kind} {n}" for kind, n in summary["question_types"].items())

@@ -12,7 +12,8 @@ Files written to the output folder (image paths are relative to it: pass it as -
 - `captions.json`: the same captions as instructions, human "<image>\\nDescribe the image." / gpt
   caption (stage 2, pre-finetuning: CuMo pre-finetunes on detailed captions).
 - `instruct.json`: stage-2/3 samples in LLaVA format, one per image; a share (`multi_turn`,
-  default 15%) has 2 to `max_turns` (default 3) turns. The first human turn is "<image>\\n<question>".
+  default 15%) has 2 to `max_turns` (default 3) turns, the later ones of the `follow_ups` types
+  (default: every one-word type). The first human turn is "<image>\\n<question>".
 - `questions.json`: every one-word question of instruct.json as a flat record
   {id, image, question, answer, type} for per-type accuracy.
 - `scenes.json`: what was drawn (shape, colour, centre, size, pixel area, bounding box).
@@ -300,11 +301,13 @@ class Sample:
     turns: list[tuple[str, str, str]]  # (type, question, answer)
 
 
-def make_sample(seed: int, index: int, multi_turn: float = 0.15, max_turns: int = 3) -> Sample:
+def make_sample(
+    seed: int, index: int, multi_turn: float = 0.15, max_turns: int = 3, follow_ups: tuple = QUESTION_TYPES
+) -> Sample:
     """Image `index` of the dataset with this seed (independent of the dataset's size).
 
     With probability `multi_turn` the sample gets 2 to `max_turns` turns (different questions of
-    any one-word type the scene allows), else one.
+    the `follow_ups` types the scene allows), else one.
     """
     rng = np.random.default_rng([seed, index])
     kind = sample_type(seed, index)
@@ -312,8 +315,8 @@ def make_sample(seed: int, index: int, multi_turn: float = 0.15, max_turns: int 
     turns = [(kind, *ask(scene, kind, rng))]
     if max_turns > 1 and rng.random() < multi_turn:
         wanted = int(rng.integers(2, max_turns + 1))
-        types = available_types(scene)
-        for _ in range(4 * wanted):
+        types = [kind for kind in available_types(scene) if kind in follow_ups]
+        for _ in range(4 * wanted if types else 0):
             if len(turns) == wanted:
                 break
             more = types[int(rng.integers(len(types)))]
@@ -343,6 +346,7 @@ def write_dataset(
     multi_turn: float = 0.15,
     progress: Optional[bool] = None,
     max_turns: int = 3,
+    follow_ups: tuple = QUESTION_TYPES,
 ) -> dict:
     """Render `count` images and write the dataset files into `out`; returns a summary."""
     from tqdm import tqdm
@@ -353,7 +357,7 @@ def write_dataset(
     pretrain, captions, instruct, questions, scenes = [], [], [], [], []
     bar = tqdm(range(count), desc="shapes", unit="img", disable=None if progress is None else not progress)
     for index in bar:
-        sample = make_sample(seed, index, multi_turn, max_turns)
+        sample = make_sample(seed, index, multi_turn, max_turns, follow_ups)
         name = image_name(index)
         sample.image.save(out / name, compress_level=1)
         sample_id = f"shapes-{seed}-{index:06d}"

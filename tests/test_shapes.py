@@ -235,6 +235,15 @@ def test_multi_turn_samples():
     assert all(len(make_sample(9, index, multi_turn=0.0).turns) == 1 for index in range(10))
 
 
+def test_follow_up_turns_are_of_the_chosen_types():
+    samples = [make_sample(9, index, multi_turn=1.0, max_turns=6, follow_ups=("colour", "exists")) for index in range(40)]
+    assert all(kind in ("colour", "exists") for s in samples for kind, _, _ in s.turns[1:])
+    assert {kind for s in samples for kind, _, _ in s.turns[1:]} == {"colour", "exists"}
+    assert sum(len(s.turns) > 1 for s in samples) > 30  # most scenes allow a colour or exists question
+    # the image and the first question do not depend on the follow-ups
+    assert [s.turns[0] for s in samples] == [make_sample(9, index, 1.0, 6).turns[0] for index in range(40)]
+
+
 def test_scoring_by_type():
     records = [
         {"type": "count", "answer": "three"},
@@ -267,6 +276,16 @@ def test_cli_writes_the_dataset(tmp_path):
     assert (tmp_path / "d" / "instruct.json").read_bytes() == (direct / "instruct.json").read_bytes()
 
 
+@pytest.mark.parametrize("follow_ups", [None, "colour, exists"])
+def test_cli_follow_ups(tmp_path, follow_ups):
+    chosen = ["--follow-ups", follow_ups] if follow_ups else []
+    code, out, err = run_cli("data", "shapes", "--out", tmp_path / "d", "--count", 12, "--multi-turn", 1, *chosen)
+    assert code == 0, err
+    types = ("colour", "exists") if follow_ups else shapes.QUESTION_TYPES
+    write_dataset(tmp_path / "direct", 12, seed=0, multi_turn=1.0, progress=False, follow_ups=types)
+    assert (tmp_path / "d" / "instruct.json").read_bytes() == (tmp_path / "direct" / "instruct.json").read_bytes()
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -276,6 +295,7 @@ def test_cli_writes_the_dataset(tmp_path):
         ["--out", "{tmp}/x", "--seed", "-1"],
         ["--out", "{tmp}/x", "--multi-turn", "2"],
         ["--out", "{tmp}/x", "--max-turns", "0"],
+        ["--out", "{tmp}/x", "--follow-ups", "colour,size"],
         ["--out", "{tmp}/file"],  # a file, not a folder
         ["--out", "{tmp}/x", "--colours", "9"],
     ],
