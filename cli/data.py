@@ -24,7 +24,7 @@ def data(ctx):
     default=0.15,
     show_default=True,
     type=click.FloatRange(0, 1),
-    help="Share of instruction samples with two or three question turns.",
+    help="Share of instruction samples with 2 to --max-turns question turns.",
 )
 @click.option("--max-turns", default=3, show_default=True, type=click.IntRange(1, 8), help="Most question turns in a multi-turn sample.")
 @click.option(

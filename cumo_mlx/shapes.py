@@ -315,7 +315,7 @@ def make_sample(
     turns = [(kind, *ask(scene, kind, rng))]
     if max_turns > 1 and rng.random() < multi_turn:
         wanted = int(rng.integers(2, max_turns + 1))
-        types = [kind for kind in available_types(scene) if kind in follow_ups]
+        types = [t for t in available_types(scene) if t in follow_ups]
         for _ in range(4 * wanted if types else 0):
             if len(turns) == wanted:
                 break
