@@ -43,8 +43,8 @@ SHIP_DIR = ROOT / "cumo_mlx" / "demo"
 # it starts as. Measured on this machine (2 cores): ~0.34 s a vision-pretraining step at batch 16,
 # ~0.26 s a pretrain step, ~0.41 s a pft step, ~0.71 s an sft step at batch 8 (25 min in all; the
 # machine's speed varies ~15% from day to day, hence the slack). Every instruction sample asks 2 to 8
-# questions about its image: several supervised answers for little more compute than one, since CLIP
-# on the S2 crops is most of a step (77.0% -> 84.0% held-out for the same 1,400 SFT steps).
+# questions about its image: several supervised answers for little more compute than one, since most
+# of a step is per image (77.0% -> 84.0% held-out for the same 1,400 SFT steps).
 FULL = {
     "train_images": 6000,
     "train_data_args": ["--multi-turn", 1.0, "--max-turns", 8],
