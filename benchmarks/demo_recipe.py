@@ -10,7 +10,8 @@ package's Python API), in the order of the CuMo recipe:
                 for CLIP, which starts as a colour-invariant edge detector
                 (cumo_mlx.demo_config.write_initial_model, edge_energy_init)
  3. vision      CLIP learns what lies at each patch from the training scenes' descriptions, the
-                knowledge a pretrained CLIP brings (cumo_mlx.vision_pretraining)
+                knowledge a pretrained CLIP brings (cumo_mlx.vision_pretraining); how well it
+                tells them on the held-out images goes to WORK/vision.json
  4. pretrain    cumo-mlx train --stage pretrain   (connector only, `plain` captions)
  5. pft         cumo-mlx train --stage pft        (everything, dense, captions as instructions:
                 CuMo pre-finetunes on detailed captions)
@@ -226,10 +227,13 @@ def main():
     def make_vision():
         import cumo_mlx
         from cumo_mlx.loader import save
-        from cumo_mlx.vision_pretraining import pretrain_vision_tower
+        from cumo_mlx.vision_pretraining import pretrain_vision_tower, readout_accuracy
 
         model, processor = cumo_mlx.load(init)
-        pretrain_vision_tower(model, processor, train_data, **recipe["vision"], progress=True)
+        _, readout = pretrain_vision_tower(model, processor, train_data, **recipe["vision"], progress=True)
+        accuracy = readout_accuracy(readout, heldout, processor)
+        (work / "vision.json").write_text(json.dumps({"heldout_patch_accuracy": accuracy}, indent=2) + "\n")
+        print("  held-out patch accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in accuracy.items()))
         save(vision, model, tokenizer_source=init, extra_config={"tokenizer_padding_side": "right"})
 
     step("init", is_model(init), make_init)

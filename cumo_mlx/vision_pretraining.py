@@ -98,6 +98,29 @@ def readout_loss(readout: PatchReadout, pixels: mx.array, labels: mx.array) -> m
     return loss
 
 
+def patch_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy of read-out logits [..., patches, sum of classes] against labels [..., patches, targets],
+    per target. Colour, shape and pair count the patches a shape covers (where a model can be wrong in
+    an interesting way; the background is nearly always right); the other targets count every patch."""
+    accuracy, start = {}, 0
+    for j, (name, classes) in enumerate(TARGETS):
+        predicted, truth = logits[..., start : start + classes].argmax(-1), labels[..., j]
+        start += classes
+        counted = truth != classes - 1 if name in ("colour", "shape", "pair") else np.ones_like(truth, bool)
+        accuracy[name] = float((predicted[counted] == truth[counted]).mean())
+    return accuracy
+
+
+def readout_accuracy(readout: PatchReadout, data: Path, processor, batch_size: int = 32) -> dict[str, float]:
+    """`patch_accuracy` of a trained read-out on the scenes of a `cumo-mlx data shapes` folder."""
+    pixels, labels = load_scenes(data, processor)
+    logits = [
+        np.array(readout(mx.array(pixels[i : i + batch_size]).astype(mx.float32)))
+        for i in range(0, len(pixels), batch_size)
+    ]
+    return patch_accuracy(np.concatenate(logits), labels)
+
+
 def load_scenes(folder: Path, processor, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """(pixels [n, S, S, 3] float16, labels [n, patches, targets]) of a `cumo-mlx data shapes` folder."""
     folder = Path(folder)
@@ -119,12 +142,12 @@ def pretrain_vision_tower(
     edge_learning_rate: float,
     seed: int = 0,
     progress: Optional[bool] = None,
-) -> list[float]:
+) -> tuple[list[float], PatchReadout]:
     """Train `model.vision_tower` (dense CLIP) in place to read out `TARGETS` at every patch of the
     images in `data`. The edge detector the tower starts as (patch embedding, first layer) learns at
     `edge_learning_rate` (low: a high rate wipes it out), the later layers and the heads at
-    `learning_rate`, both on a cosine decay. Returns the loss of every step. `progress`: a progress
-    bar (None: on a terminal)."""
+    `learning_rate`, both on a cosine decay. Returns the loss of every step and the read-out (tower
+    and heads, for `readout_accuracy`). `progress`: a progress bar (None: on a terminal)."""
     from tqdm import tqdm
 
     pixels, labels = load_scenes(data, processor)
@@ -146,4 +169,4 @@ def pretrain_vision_tower(
         mx.eval(readout.parameters(), optimizer.state)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
+    return losses, readout

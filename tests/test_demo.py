@@ -11,6 +11,7 @@ from cli_util import run_cli
 import cumo_mlx
 from cumo_mlx.loader import DEMO_PATH
 from cumo_mlx.shapes import SHAPES, accuracy_by_type, write_dataset
+from cumo_mlx.vision_pretraining import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()"]
@@ -106,6 +107,8 @@ def test_recipe_smoke_writes_every_step(recipe_run):
     evaluation = json.loads((recipe_run / "evaluation.json").read_text())
     assert evaluation["accuracy"]["overall"]["total"] > 0
     assert (recipe_run / "heatmap.png").stat().st_size > 0
+    vision = json.loads((recipe_run / "vision.json").read_text())["heldout_patch_accuracy"]
+    assert set(vision) == {name for name, _ in TARGETS} and all(0 <= v <= 1 for v in vision.values())
 
 
 @pytest.fixture(scope="module")

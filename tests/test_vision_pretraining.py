@@ -8,7 +8,14 @@ from cumo_mlx.demo_config import demo_config, write_tokenizer
 from cumo_mlx.loader import load_processor
 from cumo_mlx.model import Model
 from cumo_mlx.shapes import COLOURS, SHAPES, Scene, Shape, write_dataset
-from cumo_mlx.vision_pretraining import TARGETS, patch_labels, pretrain_vision_tower
+from cumo_mlx.vision_pretraining import (
+    TARGETS,
+    PatchReadout,
+    patch_accuracy,
+    patch_labels,
+    pretrain_vision_tower,
+    readout_accuracy,
+)
 
 NONE_COLOUR, NONE_SHAPE = len(COLOURS), len(SHAPES)
 
@@ -47,8 +54,8 @@ def test_no_largest_kind_without_a_clear_largest():
 
 
 def test_the_tower_learns_the_patch_labels(tmp_path):
-    """A few dozen steps on a small shapes set lower the read-out loss; the layers after the edge
-    detector move, the edge detector keeps still at an edge learning rate of 0."""
+    """A few dozen steps on a small shapes set lower the read-out loss and raise its accuracy; the layers
+    after the edge detector move, the edge detector keeps still at an edge learning rate of 0."""
     write_dataset(tmp_path / "data", 16, seed=0, progress=False)
     processor = load_processor(write_tokenizer(tmp_path / "tok"), ModelArgs.from_dict(demo_config()))
     mx.random.seed(0)
@@ -58,7 +65,9 @@ def test_the_tower_learns_the_patch_labels(tmp_path):
     watched = (clip.embeddings.patch_embedding, layers[0].mlp.fc1, layers[1].mlp.fc1)
     weights = lambda: [np.array(module.weight) for module in watched]
     before = weights()
-    losses = pretrain_vision_tower(
+    fresh_heads = PatchReadout(model.vision_tower, clip.config.hidden_size * len(model.vision_tower.scales))
+    untrained = readout_accuracy(fresh_heads, tmp_path / "data", processor)
+    losses, readout = pretrain_vision_tower(
         model, processor, tmp_path / "data", steps=40, batch_size=8, learning_rate=3e-3, edge_learning_rate=0.0,
         progress=False,
     )
@@ -66,3 +75,23 @@ def test_the_tower_learns_the_patch_labels(tmp_path):
     after = weights()
     assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
     assert not np.allclose(before[2], after[2])
+    trained = readout_accuracy(readout, tmp_path / "data", processor)
+    assert np.mean(list(trained.values())) > np.mean(list(untrained.values())) + 0.15, (untrained, trained)
+
+
+def test_patch_accuracy_counts_the_shapes_patches_for_colour_shape_and_pair():
+    """Two images of three patches; the first patch of each is background. Colour, shape and pair are
+    scored on the four covered patches only, the other targets on all six."""
+    labels = np.zeros((2, 3, len(TARGETS)), np.int64)
+    none = {name: classes - 1 for name, classes in TARGETS}
+    for j, (name, _) in enumerate(TARGETS):
+        labels[:, 0, j] = none[name] if name in ("colour", "shape", "pair") else 0
+    labels[:, 1:, 0] = [[2, 3], [4, 5]]  # colours of the covered patches
+    predicted = labels.copy()
+    predicted[0, 0, 0] = 1  # a background patch called a colour: not counted for colour
+    predicted[1, 2, 0] = 0  # one of the four covered patches wrong: colour 3/4
+    predicted[0, 0, 3] = 1  # "largest" wrong on one of six patches
+    logits = np.concatenate([np.eye(classes)[predicted[..., j]] for j, (_, classes) in enumerate(TARGETS)], axis=-1)
+    accuracy = patch_accuracy(logits, labels)
+    assert accuracy["colour"] == 0.75 and accuracy["largest"] == 5 / 6
+    assert all(accuracy[name] == 1.0 for name, _ in TARGETS if name not in ("colour", "largest"))
