@@ -89,23 +89,27 @@ class PatchReadout(nn.Module):
         return self.heads(features)
 
 
+def target_columns() -> list[slice]:
+    """Where each target's logits lie in the read-out's output, in `TARGETS` order."""
+    ends = np.cumsum([classes for _, classes in TARGETS])
+    return [slice(int(end - classes), int(end)) for end, (_, classes) in zip(ends, TARGETS)]
+
+
 def readout_loss(readout: PatchReadout, pixels: mx.array, labels: mx.array) -> mx.array:
     """Sum over targets of the mean cross-entropy over patches."""
-    logits, start, loss = readout(pixels), 0, mx.array(0.0)
-    for j, (_, classes) in enumerate(TARGETS):
-        loss = loss + nn.losses.cross_entropy(logits[..., start : start + classes], labels[..., j]).mean()
-        start += classes
-    return loss
+    logits = readout(pixels)
+    return sum(
+        nn.losses.cross_entropy(logits[..., columns], labels[..., j]).mean() for j, columns in enumerate(target_columns())
+    )
 
 
 def patch_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Accuracy of read-out logits [..., patches, sum of classes] against labels [..., patches, targets],
     per target. Colour, shape and pair count the patches a shape covers (where a model can be wrong in
     an interesting way; the background is nearly always right); the other targets count every patch."""
-    accuracy, start = {}, 0
-    for j, (name, classes) in enumerate(TARGETS):
-        predicted, truth = logits[..., start : start + classes].argmax(-1), labels[..., j]
-        start += classes
+    accuracy = {}
+    for j, ((name, classes), columns) in enumerate(zip(TARGETS, target_columns())):
+        predicted, truth = logits[..., columns].argmax(-1), labels[..., j]
         counted = truth != classes - 1 if name in ("colour", "shape", "pair") else np.ones_like(truth, bool)
         accuracy[name] = float((predicted[counted] == truth[counted]).mean())
     return accuracy
