@@ -65,8 +65,8 @@ def test_the_tower_learns_the_patch_labels(tmp_path):
     watched = (clip.embeddings.patch_embedding, layers[0].mlp.fc1, layers[1].mlp.fc1)
     weights = lambda: [np.array(module.weight) for module in watched]
     before = weights()
-    fresh_heads = PatchReadout(model.vision_tower, clip.config.hidden_size * len(model.vision_tower.scales))
-    untrained = readout_accuracy(fresh_heads, tmp_path / "data", processor)
+    untrained_readout = PatchReadout(model.vision_tower, clip.config.hidden_size * len(model.vision_tower.scales))
+    untrained = readout_accuracy(untrained_readout, tmp_path / "data", processor)
     losses, readout = pretrain_vision_tower(
         model, processor, tmp_path / "data", steps=40, batch_size=8, learning_rate=3e-3, edge_learning_rate=0.0,
         progress=False,
