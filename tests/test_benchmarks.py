@@ -106,6 +106,85 @@ def test_binding_probe():
     assert reseeded["seed"] == 1 and reseeded["loss_first_last"][0] != first
 
 
+def test_binding_probe_reads_a_models_clip_features_through_a_fresh_connector(tmp_path):
+    from cumo_mlx.demo_config import write_initial_model
+
+    model = write_initial_model(tmp_path / "model", seed=0)
+    result = run("binding_probe", "--features", str(model))
+    assert result["input"] == f"CLIP features of {model}"
+    first, last = result["loss_first_last"]
+    assert last < first  # the connector and LLM learn from the features
+    assert result["accuracy"]["overall"]["total"] == 12
+
+
+def test_clip_features_are_the_vision_towers_output(tmp_path):
+    binding_probe = import_benchmark("binding_probe")
+    import cumo_mlx
+    import mlx.core as mx
+    import numpy as np
+    from cumo_mlx.demo_config import write_initial_model
+    from cumo_mlx.shapes import write_dataset
+
+    write_dataset(tmp_path / "data", 3, seed=0, progress=False)
+    model_dir = write_initial_model(tmp_path / "model", seed=0)
+    features = binding_probe.clip_features(model_dir, tmp_path / "data", batch_size=2)  # batches of 2 and 1
+    model, processor = cumo_mlx.load(model_dir)
+    assert sorted(features) == sorted(binding_probe.read_scenes(tmp_path / "data"))
+    for name, got in features.items():
+        pixels = mx.array(processor.preprocess_image(tmp_path / "data" / name))[None]
+        expected = np.array(model.vision_tower(pixels)[0][0])
+        assert got.shape == (binding_probe.GRID**2, expected.shape[-1])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_binding_probe_ideal_features_of_chosen_labels_only():
+    binding_probe = import_benchmark("binding_probe")
+    import mlx.core as mx
+    import numpy as np
+
+    features = binding_probe.IdealFeatures(16, labels=("colour", "shape"))
+    labels = np.zeros((1, 4, len(binding_probe.TARGETS)), np.int32)
+    base = features(mx.array(labels))
+    changed = labels.copy()
+    changed[0, 1, binding_probe.TARGET_NAMES.index("shape")] = 2
+    assert not mx.allclose(base, features(mx.array(changed))).item()
+    ignored = labels.copy()
+    ignored[0, 1, binding_probe.TARGET_NAMES.index("pair")] = 7  # not among the labels: not read
+    assert mx.allclose(base, features(mx.array(ignored))).item()
+
+    result = run("binding_probe", "--labels", "colour,shape")
+    assert result["input"] == "ideal image features (colour, shape)"
+
+
+def test_binding_probe_kind_noise_randomises_only_covered_patches_kinds(tmp_path):
+    binding_probe = import_benchmark("binding_probe")
+    import numpy as np
+    from cumo_mlx.shapes import write_dataset
+
+    write_dataset(tmp_path / "data", 40, seed=0, progress=False)
+    labels = np.concatenate([binding_probe.scene_labels(s) for s in binding_probe.read_scenes(tmp_path / "data").values()])
+    kind = binding_probe.TARGET_NAMES.index("shape")
+    covered = labels[:, kind] < len(binding_probe.SHAPES)
+    noisy = binding_probe.with_kind_noise(labels, 0.5, np.random.default_rng(0))
+    others = [j for j in range(labels.shape[1]) if j != kind]
+    assert (noisy[:, others] == labels[:, others]).all() and (noisy[~covered] == labels[~covered]).all()
+    changed = (noisy[covered, kind] != labels[covered, kind]).mean()
+    assert 0.3 < changed < 0.45  # half are drawn again, a quarter of those draw the same kind
+    assert (noisy[covered, kind] < len(binding_probe.SHAPES)).all()
+    assert (binding_probe.with_kind_noise(labels, 0.0, np.random.default_rng(0)) == labels).all()
+
+
+def test_binding_probe_rejects_bad_flags_in_one_line():
+    for flags, message in (
+        (["--labels", "colour,hue"], "unknown --labels hue"),
+        (["--kind-noise", "1.5"], "--kind-noise is a share"),
+        (["--text", "--features", "somewhere"], "give one"),
+    ):
+        command = [sys.executable, str(BENCHMARKS / "binding_probe.py"), "--quick", *flags]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+
+
 def import_benchmark(name: str):
     sys.path.insert(0, str(BENCHMARKS))
     try:
