@@ -249,7 +249,7 @@ def train_and_ask(
         if heldout_features is not None:
             image_input = heldout_features[q["image"]]
         else:
-            image_input = with_kind_noise(scene_labels(scene), kind_noise, noise) if kind_noise else scene_labels(scene)
+            image_input = with_kind_noise(scene_labels(scene), kind_noise, noise)
         predictions.append(answer(probe, processor, image_context(scene, text), q["question"], image_input))
     if text:
         kind = "captions"

@@ -117,6 +117,27 @@ def test_binding_probe_reads_a_models_clip_features_through_a_fresh_connector(tm
     assert result["accuracy"]["overall"]["total"] == 12
 
 
+def test_binding_probe_with_a_connector_reads_the_features_through_it():
+    binding_probe = import_benchmark("binding_probe")
+    import mlx.core as mx
+    import numpy as np
+    from cumo_mlx.config import ModelArgs
+    from cumo_mlx.demo_config import demo_config
+    from cumo_mlx.model import Model
+
+    model = Model(ModelArgs.from_dict(demo_config(vocab_size=300)))
+    probe = binding_probe.Probe(model.language_model, model.mm_projector)
+    assert probe.features is model.mm_projector  # trained with the LLM, not ideal-feature tables
+    patches, width = binding_probe.GRID**2, model.args.mm_hidden_size * len(model.args.scales)
+    tokens = mx.array([[1] + [0] * patches + [5, 6]])
+    rows = mx.array([[-1, *range(patches), -1, -1]])
+    features = np.zeros((1, patches, width), np.float32)
+    other = features.copy()
+    other[0, 10, :] = 1.0  # one patch's features
+    base = probe.hidden(tokens, rows, mx.array(features))[0, -1]
+    assert not mx.allclose(base, probe.hidden(tokens, rows, mx.array(other))[0, -1]).item()
+
+
 def test_clip_features_are_the_vision_towers_output(tmp_path):
     binding_probe = import_benchmark("binding_probe")
     import cumo_mlx
