@@ -40,11 +40,12 @@ On the --follow-ups colour data (1400 steps of 8, ~5 min each; count and shape 8
   --labels colour,shape (no pair label):                              colour 91%, exists 58%
   --labels pair:                                                      colour 85%, exists 59%
   --labels colour,shape --kind-noise 0.25:                           colour 67%, exists 50%
+  --labels colour,shape --kind-noise 0.1:                            colour 70%, exists 48%
   --features runs/v11/vision (the recipe's pre-trained CLIP):         colour 69%, exists 50%
 The lookup needs neither a label for the pair nor more than the colour and kind of each patch, but it
-needs the kind nearly always right: with a quarter of the patches' kinds random it is not learned (67%:
-the lone-shape questions and chance with two or three shapes), and the demo's own CLIP features, whose
-kind a linear read-out gets right on 76% of the patches, do no better.
+needs the kind nearly always right: with a quarter or even a tenth of the patches' kinds random it is not
+learned (67-70%: the lone-shape questions and chance with two or three shapes), and the demo's own CLIP
+features, whose kind a linear read-out gets right on 76% of the patches, do no better.
 """
 
 import functools
