@@ -12,11 +12,11 @@ on). A fresh demo LLM (`demo_config`, attention heads as given) learns the instr
 `demo_recipe.py` work folder (WORK/data) from them, as stage 3 does, and answers the held-out
 questions (WORK/heldout, the first 500) greedily: accuracy per question type. --labels: which labels
 the ideal features are made of (all the targets by default); --kind-noise: the share of the patches a
-shape covers whose kind label is made random (a vision tower that tells the kind of the rest). --text gives the LLM each image's caption
-("A red circle and a blue star.") in place of the image instead: the same lookup in words. --features
-gives it MODEL's CLIP features (frozen, what its connector reads: the demo's own vision tower in place
-of the ideal one) through a fresh dense connector. --quick makes its own tiny dataset and trains a few
-steps (a smoke test).
+shape covers whose kind label is made random (a vision tower that tells the kind of the rest). --text
+gives the LLM each image's caption ("A red circle and a blue star.") in place of the image instead: the
+same lookup in words. --features gives it MODEL's CLIP features (frozen, what its connector reads: the
+demo's own vision tower in place of the ideal one) through a fresh dense connector. --quick makes its
+own tiny dataset and trains a few steps (a smoke test).
 
 Measured on the recipe's data (2-core CPU; count, largest and shape 100% with image features):
   4 heads of 32 (2 KV), 1400 steps of 8 (~stage 3, ~6 min):            colour 76%, exists 55%
