@@ -39,16 +39,15 @@ import harness
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from cumo_mlx.convert.convert import quantization_plan
+from cumo_mlx.models.config import ModelArgs, TextConfig
+from cumo_mlx.models.language import LanguageModel
+from cumo_mlx.models.model import Model
+from cumo_mlx.prompt import IMAGE_TOKEN_INDEX
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models import llama, mixtral
-
-from cumo_mlx.config import ModelArgs, TextConfig
-from cumo_mlx.convert.convert import quantization_plan
-from cumo_mlx.language import LanguageModel
-from cumo_mlx.model import Model
-from cumo_mlx.processor import IMAGE_TOKEN_INDEX
+from mlx_lm.models.cache import make_prompt_cache
 
 GB = harness.GB
 Q_BITS, Q_GROUP = 4, 64

@@ -37,12 +37,11 @@ from types import SimpleNamespace
 import harness
 import mlx.core as mx
 import numpy as np
+from cumo_mlx.models import moe
+from cumo_mlx.models.moe import MLP, SparseMoE, route
 from mlx_lm.models.llama import MLP as DenseGLU
 from mlx_lm.models.mixtral import MixtralSparseMoeBlock
 from mlx_lm.models.mixtral import ModelArgs as MixtralArgs
-
-from cumo_mlx import moe
-from cumo_mlx.moe import MLP, SparseMoE, route
 
 MIXTRAL = {"hidden": 4096, "intermediate": 14336, "experts": 8}
 
@@ -149,11 +148,11 @@ def all_experts(block: SparseMoE, x: mx.array) -> mx.array:
 
 def forced(block: SparseMoE, x: mx.array, mode: str):
     def run():
-        moe.set_dispatch(mode)
+        moe.set_dispatch(block, mode)
         try:
             return block(x)[0]
         finally:
-            moe.set_dispatch("auto")
+            moe.set_dispatch(block, "auto")
 
     return run
 

@@ -14,7 +14,7 @@ per layer to 32 LLM layers and 24 CLIP layers:
 
 Weights here are float32 (the CPU backend computes in float32); on Metal the frozen weights stay in
 their stored bfloat16, so the estimate is also printed with the frozen bytes halved. On the CPU the
-MoE layers are not checkpointed (see `trainer.grad_checkpoint`), on Metal they are. --quick runs
+MoE layers are not checkpointed (see `trainer.GradCheckpoint`), on Metal they are. --quick runs
 the same steps at tiny widths (a smoke test, not a measurement).
 """
 
@@ -34,13 +34,14 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int, quick: bo
     import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
+    from cumo_mlx.models.config import ModelArgs
+    from cumo_mlx.models.model import Model
+    from cumo_mlx.train.data import Encoded, collate
+    from cumo_mlx.train.losses import batch_losses
+    from cumo_mlx.train.optim import adamw
+    from cumo_mlx.train.options import TrainConfig
+    from cumo_mlx.train.trainer import GradCheckpoint, configure_trainable
     from mlx.utils import tree_flatten
-
-    from cumo_mlx.config import ModelArgs
-    from cumo_mlx.data import Encoded, collate
-    from cumo_mlx.losses import batch_losses
-    from cumo_mlx.model import Model
-    from cumo_mlx.trainer import TrainConfig, adamw, configure_trainable, grad_checkpoint
 
     llm, clip = TINY if quick else CUMO_7B
     config = {
@@ -55,7 +56,7 @@ def measure(llm_layers: int, clip_layers: int, mode: str, tokens: int, quick: bo
     mx.eval(model.parameters())
     parts = configure_trainable(model, TrainConfig(model="", data="", output="", stage="sft", fine_tune_type=mode,
                                                    lora_rank=64, lora_alpha=16, lora_dropout=0.0, lora_layers=-1).resolved())
-    grad_checkpoint(model)
+    GradCheckpoint(model)
     model.train()
     optimizer = adamw(1e-5)
     rng = np.random.default_rng(0)

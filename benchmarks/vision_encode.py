@@ -25,9 +25,8 @@ import sys
 import harness
 import mlx.core as mx
 import numpy as np
-
-from cumo_mlx.config import ModelArgs
-from cumo_mlx.vision_tower import VisionTower
+from cumo_mlx.models.config import ModelArgs
+from cumo_mlx.models.vision import VisionTower
 
 SCALES = [1, 3]
 # torch runs in its own process: one that has loaded cumo_mlx's OpenBLAS (RTLD_GLOBAL) runs torch's

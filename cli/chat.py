@@ -19,7 +19,7 @@ def read_line(interactive: bool):
 @model_options
 @generation_options
 @click.option("--verbose/--quiet", default=False, show_default=True, help="Print stats on stderr after each answer.")
-def chat(model, images, system, seed, verbose, **options):
+def chat(model, images, system, seed, verbose, **flags):
     """Chat about images: the --image(s) go with your first message.
 
     \b
@@ -33,8 +33,8 @@ def chat(model, images, system, seed, verbose, **options):
     from cumo_mlx.processor import load_image
 
     pictures = [load_image(image) for image in images]
-    model, processor, system = start(model, system, seed, options)
-    session = ChatSession(model, processor, system, max_kv_size=options["max_kv_size"])
+    model, processor, system, options = start(model, system, seed, flags)
+    session = ChatSession(model, processor, system, max_kv_size=options.max_kv_size)
     for picture in pictures:
         session.add_image(picture)
     interactive = text_stdin().isatty()
@@ -58,7 +58,7 @@ def chat(model, images, system, seed, verbose, **options):
             elif command.startswith("/"):
                 raise CuMoError(f"unknown command {command}", "use /image PATH, /reset or /exit")
             else:
-                response, answer = None, session.stream(line, **options)
+                response, answer = None, session.stream(line, options=options)
                 try:
                     for response in answer:
                         click.echo(response.text, nl=False)

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import click
-
 from cumo_mlx.errors import CuMoError
 
 
@@ -33,9 +32,10 @@ def experts(model_path, data_path, image_folder, out_path, json_path, max_sample
     """Route statistics: the share of (token, top-k) assignments each expert of each MoE layer
     (CLIP layers, connector, Mixtral layers) receives over a dataset. Prints a table; writes a PNG
     heatmap with --out and the numbers with --json. The model's outputs are not changed."""
-    from cumo_mlx.data import read_records
     from cumo_mlx.loader import load
-    from cumo_mlx.routes import count_routes, heatmap
+    from cumo_mlx.plots import heatmap
+    from cumo_mlx.routes import count_routes
+    from cumo_mlx.train.data import read_records
 
     for option, path in (("--out", out_path), ("--json", json_path)):
         if path is not None and (path.is_dir() or not path.parent.exists()):

@@ -13,8 +13,8 @@ import click
 def fuse(model, adapter_path, mlx_path, dequantize):
     """Write base model + adapters as one model directory that every command loads."""
     from cumo_mlx.loader import check_output, load_model, resolve_model_path, save
-    from cumo_mlx.lora import fuse as fuse_model
-    from cumo_mlx.lora import load_adapters, stored_dtype
+    from cumo_mlx.train.lora import fuse as fuse_model
+    from cumo_mlx.train.lora import load_adapters, stored_dtype
 
     base = resolve_model_path(model)
     check_output(mlx_path, base, adapter_path)

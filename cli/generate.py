@@ -7,8 +7,7 @@ import json
 import sys
 
 import click
-
-from cumo_mlx.templates import DEFAULT_SYSTEM
+from cumo_mlx.prompt import DEFAULT_SYSTEM
 
 DEFAULT_MODEL = "shi-labs/CuMo-mistral-7b"
 
@@ -43,7 +42,8 @@ def model_options(f):
 
 
 def generation_options(f):
-    """Sampling, KV cache and prefill options: mlx-lm's names and meanings."""
+    """Sampling, KV cache and prefill options: mlx-lm's names and meanings, GenerationOptions' fields
+    (the defaults are written here too, so that --help need not import MLX; a test keeps them equal)."""
     options = [
         click.option("--max-tokens", type=int, default=512, show_default=True, help="Most tokens to generate."),
         click.option("--temp", type=float, default=0.2, show_default=True, help="Sampling temperature (0: greedy)."),
@@ -67,20 +67,18 @@ def generation_options(f):
     return f
 
 
-def start(model: str, system, seed, options: dict):
-    """Check the options, seed MLX, load the model: (model, processor, system text)."""
-    import mlx.core as mx
-
+def start(model: str, system, seed, flags: dict):
+    """Check the options, seed MLX, load the model: (model, processor, system text, GenerationOptions)."""
     import cumo_mlx
-    from cumo_mlx.generate import check_generation_args
-    from cumo_mlx.processor import check_text
+    import mlx.core as mx
+    from cumo_mlx.generate import GenerationOptions, check_system
 
-    check_generation_args(None, **options)  # before the (slow) load; the head size is checked later
-    check_text(system or "")
+    options = GenerationOptions(**flags)  # checked before the (slow) load; the head size is checked later
+    system = check_system(DEFAULT_SYSTEM if system is None else system)
     if seed is not None:
         mx.random.seed(seed)
     model, processor = cumo_mlx.load(model)
-    return model, processor, DEFAULT_SYSTEM if system is None else system
+    return model, processor, system, options
 
 
 def text_stdin():
@@ -106,7 +104,7 @@ def read_prompt(prompt):
 @generation_options
 @click.option("--verbose/--quiet", default=True, show_default=True, help="Print the stats block on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, ids, stats) instead.")
-def generate(model, images, system, prompt, seed, verbose, as_json, **options):
+def generate(model, images, system, prompt, seed, verbose, as_json, **flags):
     """Answer --prompt about the --image(s), streaming the answer to stdout (stats on stderr).
 
     \b
@@ -114,18 +112,18 @@ def generate(model, images, system, prompt, seed, verbose, as_json, **options):
 
     Ctrl-C stops the answer, keeping what was generated; the exit code is then 130.
     """
-    from cumo_mlx.generate import check_question, format_stats, stream_generate
+    from cumo_mlx.generate import check_question, format_stats, stream_prompt
     from cumo_mlx.processor import load_image
-    from cumo_mlx.templates import chat_prompt
+    from cumo_mlx.prompt import chat_prompt
 
-    question = check_question(read_prompt(prompt), len(images))
+    question = check_question(read_prompt(prompt), len(images))  # the placeholder check, before the model loads
     pictures = [load_image(image) for image in images]  # every image read before the model loads
-    model, processor, system = start(model, system, seed, options)
+    model, processor, system, options = start(model, system, seed, flags)
     ids = processor.tokenize(chat_prompt([question], system))
 
     text, tokens, response, finish_reason = "", [], None, None
     try:
-        for response in stream_generate(model, processor, ids, pictures, **options):
+        for response in stream_prompt(model, processor, ids, pictures, options=options):
             if response.finish_reason != "stop":  # the last response of a stop holds `</s>`
                 tokens.append(response.token)
             text += response.text

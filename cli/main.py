@@ -36,6 +36,8 @@ COMMANDS = {
     "fuse": "cumo_mlx.cli.fuse:fuse",
     "data": "cumo_mlx.cli.data:data",
     "experts": "cumo_mlx.cli.experts:experts",
+    "serve": "cumo_mlx.cli.serve:serve",
+    "eval": "cumo_mlx.cli.eval:evaluate",
 }
 
 

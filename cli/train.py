@@ -5,10 +5,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
-
 from cumo_mlx.errors import CuMoError
-from cumo_mlx.templates import TEMPLATES
-from cumo_mlx.train_config import FINE_TUNE_TYPES, STAGES, TrainConfig
+from cumo_mlx.prompt import TEMPLATES
+from cumo_mlx.train.options import FINE_TUNE_TYPES, STAGES, TrainConfig
 
 HELP = {
     "model": "Model directory (MLX layout) or hub id to train from.",
@@ -132,7 +131,7 @@ def train(**options):
 
     Data parallel over several processes or Macs: mlx.launch --backend ring -n 2 cumo-mlx train ...
     """
-    from cumo_mlx.trainer import Trainer
+    from cumo_mlx.train.trainer import Trainer
 
     config = TrainConfig(**{k: v for k, v in options.items() if v is not None})
     Trainer(config).run()

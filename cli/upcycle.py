@@ -17,8 +17,8 @@ def upcycle(model, mlx_path, num_experts, top_k, no_vision, no_connector, seed):
     """Turn dense CLIP MLPs and the mlp2x_gelu connector into MoE blocks whose experts all start as
     copies of the dense MLP, with freshly initialised routers (outputs unchanged at step 0)."""
     from cumo_mlx.loader import check_output, load_model, resolve_model_path, save
-    from cumo_mlx.lora import stored_dtype
-    from cumo_mlx.upcycle import upcycle as upcycle_model
+    from cumo_mlx.train.lora import stored_dtype
+    from cumo_mlx.train.upcycle import upcycle as upcycle_model
 
     source = resolve_model_path(model)
     check_output(mlx_path, source)

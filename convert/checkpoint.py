@@ -26,7 +26,7 @@ import numpy as np
 
 from cumo_mlx.errors import CheckpointError
 
-from .unpickler import NUMPY_DTYPES, load_torch_zip
+from .unpickler import NUMPY_DTYPES, load_torch_zip, unwrap_state_dict
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -266,18 +266,8 @@ def _read_pickle_with_torch(torch, path: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(
             f"cannot read {path}: {type(e).__name__}: {first_line}", "the file is damaged or not a PyTorch checkpoint"
         ) from None
-    if isinstance(obj, dict) and len(obj) == 1:
-        ((key, value),) = obj.items()
-        if key in ("state_dict", "model", "module") and isinstance(value, dict):
-            obj = value
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict", "give a checkpoint of tensors")
     entries = {}
-    for name, tensor in obj.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(
-                f"{path}: '{name}' is a {type(tensor).__name__}, not a tensor", "give a state dict of tensors"
-            )
+    for name, tensor in unwrap_state_dict(obj, str(path), torch.Tensor).items():
         if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
             raise CheckpointError(  # a broadcast view: reading it would take more memory than the file
                 f"{path}: tensor '{name}' has more elements than its storage", "the file is damaged; re-download it"

@@ -15,9 +15,9 @@ measured on an 826 MB bf16 Mixtral-style checkpoint (largest group 59 MB), peak 
 above the interpreter's baseline, float16 or 4-bit. Pickles read by torch (mmap) map their whole
 file: its pages count in RSS while it is converted (file-backed, reclaimable).
 
-Everything goes to a temporary directory beside DST that is renamed to DST at the very end;
-a failure removes it, a killed process leaves no DST (only the hidden temporary directory, removed
-by the next conversion to the same DST).
+Everything goes to a temporary directory beside DST that is renamed to DST at the very end
+(`staging.staged_directory`); a failure removes it, a killed process leaves no DST (only the
+hidden temporary directory, removed by the next conversion to the same DST).
 
 Quantization (-q): the LLM's linears, its embedding and lm_head, and Mixtral's stacked experts
 (QuantizedSwitchLinear, for gather_qmm) at --q-bits/--q-group-size, affine. Not quantized, kept as
@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -44,12 +43,12 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
-
-from cumo_mlx.config import ModelArgs, load_config
+from cumo_mlx import hub
 from cumo_mlx.errors import CheckpointError, ConfigError, CuMoError
-from cumo_mlx.hub import TOKENIZER_FILES
-from cumo_mlx.model import Model
+from cumo_mlx.models.config import ModelArgs, load_config, local_vision_config, read_vision_tower
+from cumo_mlx.models.model import Model, original_name
+from cumo_mlx.staging import staged_directory
+from mlx.utils import tree_flatten
 
 from .checkpoint import (
     FLOAT_DTYPES,
@@ -58,6 +57,7 @@ from .checkpoint import (
     check_index,
     find_weight_files,
     read_checkpoint,
+    select_weight_files,
 )
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -66,7 +66,6 @@ Q_GROUP_SIZES = (32, 64, 128)
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's limit
 ROUTER = re.compile(r"(^|\.)gate$")  # the router of a SparseMoE (CLIP layer, connector, Mixtral layer)
 ALWAYS_FLOAT = re.compile(r"position_embedding$")  # read as a raw table, not through the module
-TMP_MARK = ".cumo-convert-"
 SAFETENSORS_DTYPE = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 
 
@@ -144,37 +143,6 @@ def plan_groups(model: Model, entries: dict[str, TensorEntry]) -> list[Group]:
     return groups
 
 
-_ORIGINAL_PREFIXES = (
-    ("language_model.model.", "model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "model.vision_tower.vision_model."),
-    ("mm_projector.", "model.mm_projector."),
-)
-_ORIGINAL_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-
-
-def _original_name(model: Model, ours: str) -> str:
-    """The checkpoint name that gives our parameter `ours` (`*` for the expert index); ours if unsure."""
-    for new, old in _ORIGINAL_PREFIXES:
-        if ours.startswith(new):
-            name = old + ours[len(new) :]
-            break
-    else:
-        return ours
-    name = re.sub(r"(encoder\.layers\.\d+)\.mlp\.(gate|experts)\.", r"\1.\2.", name)
-    name = re.sub(
-        r"^(model\.mm_projector\.(?:experts\.)?)fc([12])\.", lambda m: f"{m.group(1)}{2 * int(m.group(2)) - 2}.", name
-    )
-    name = re.sub(
-        r"\.experts\.(\w+)\.", lambda m: f".experts.*.{_ORIGINAL_EXPERT_NAMES.get(m.group(1), m.group(1))}.", name
-    )
-    try:  # check the guess: it must map back to `ours`
-        back = model.sanitize({name.replace("*", "0"): mx.zeros((1,))})
-    except Exception:
-        return ours
-    return name if list(back) == [ours] else ours
-
-
 def validate(model: Model, groups: list[Group]) -> None:
     """Missing, extra and mis-shaped tensors against the config's model: one error naming them."""
     expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
@@ -194,7 +162,7 @@ def validate(model: Model, groups: list[Group]) -> None:
             elif any(e.dtype not in FLOAT_DTYPES for e in group.sources):
                 not_float.append(f"{group.key} ({group.sources[0].dtype})")
             produced[target] = group
-    missing = [_original_name(model, name) for name in expected if name not in produced]
+    missing = [original_name(name) for name in expected if name not in produced]
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {_list(missing)}")
@@ -270,23 +238,77 @@ def output_plan(model: Model, groups: list[Group], quantized: set[str], dtype: m
     return plan
 
 
+def _default_dtype(config: dict, entries: dict[str, TensorEntry]) -> str:
+    """mlx-lm's rule: config's torch_dtype, else the checkpoint's own float dtype (float64 -> float32)."""
+    for key in ("torch_dtype", "dtype"):
+        if config.get(key) in DTYPES:
+            return config[key]
+    sizes = defaultdict(int)
+    for entry in entries.values():
+        if entry.dtype in FLOAT_DTYPES:
+            sizes["float32" if entry.dtype == "float64" else entry.dtype] += entry.nbytes
+    return max(sizes, key=sizes.get) if sizes else "float16"
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything a conversion writes, fixed before anything is."""
+
+    model: Model  # the lazy skeleton, its quantized layers already swapped in
+    groups: list[Group]  # the source tensors that become parameters, in reading order
+    outputs: list[OutputTensor]
+    dtype: str
+    quantization: Optional[dict]  # config.json's `quantization`, None for floats
+    quantized: set[str]  # the quantized layers' paths
+    parameters: int
+
+
+def plan_conversion(
+    args: ModelArgs,
+    config: dict,
+    entries: dict[str, TensorEntry],
+    dtype: Optional[str],
+    quantize: bool,
+    q_bits: int,
+    q_group_size: int,
+    quantize_vision: bool,
+) -> Plan:
+    """Check the checkpoint's tensors against the model `args` describes; plan every output tensor."""
+    skeleton = Model(args)  # lazy parameters: shapes only, nothing is allocated
+    groups = plan_groups(skeleton, entries)
+    validate(skeleton, groups)
+    parameters = sum(math.prod(v.shape) for _, v in tree_flatten(skeleton.parameters()))
+    dtype = dtype or _default_dtype(config, entries)
+    quantization, quantized = None, set()
+    if quantize:
+        quantization, quantized = quantization_plan(skeleton, q_bits, q_group_size, quantize_vision)
+    groups = [g for g in groups if g.targets]  # the others are dropped (rotary inv_freq, position_ids, post_layernorm)
+    outputs = output_plan(skeleton, groups, quantized, getattr(mx, dtype))
+    return Plan(skeleton, groups, outputs, dtype, quantization, quantized, parameters)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
+
+
+def _shards(plan: list[OutputTensor], max_bytes: int) -> list[list[OutputTensor]]:
+    """The plan's tensors in order, cut into shards of at most `max_bytes` (a bigger tensor alone)."""
+    shards: list[list[OutputTensor]] = []
+    size = 0
+    for tensor in plan:
+        if not shards or (size + tensor.nbytes > max_bytes and shards[-1]):
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
 
 
 class ShardWriter:
     """Safetensors shards laid out from the plan, written tensor by tensor at their offsets."""
 
     def __init__(self, directory: Path, plan: list[OutputTensor], max_bytes: Optional[int] = None):
-        max_bytes = max_bytes or MAX_SHARD_BYTES
-        shards: list[list[OutputTensor]] = []
-        size = 0
-        for tensor in plan:
-            if not shards or (size + tensor.nbytes > max_bytes and shards[-1]):
-                shards.append([])
-                size = 0
-            shards[-1].append(tensor)
-            size += tensor.nbytes
+        shards = _shards(plan, max_bytes or MAX_SHARD_BYTES)
         count = len(shards)
         self.files = [
             directory / ("model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors")
@@ -357,10 +379,6 @@ class ShardWriter:
                     pass
 
 
-# --------------------------------------------------------------------------------------------
-# The conversion
-
-
 def _progress(total: int, desc: str, enabled: bool, position: int = 0):
     from tqdm.auto import tqdm
 
@@ -378,27 +396,16 @@ def _progress(total: int, desc: str, enabled: bool, position: int = 0):
     )
 
 
-def _default_dtype(config: dict, entries: dict[str, TensorEntry]) -> str:
-    """mlx-lm's rule: config's torch_dtype, else the checkpoint's own float dtype (float64 -> float32)."""
-    for key in ("torch_dtype", "dtype"):
-        if config.get(key) in DTYPES:
-            return config[key]
-    sizes = defaultdict(int)
-    for entry in entries.values():
-        if entry.dtype in FLOAT_DTYPES:
-            sizes["float32" if entry.dtype == "float64" else entry.dtype] += entry.nbytes
-    return max(sizes, key=sizes.get) if sizes else "float16"
-
-
-def _convert_group(model: Model, group: Group, dtype: mx.Dtype, quantized: set[str], bits: int, group_size: int):
+def _convert_group(plan: Plan, group: Group) -> dict:
     """The output tensors of one group, evaluated."""
-    weights = model.sanitize({e.name: e.load() for e in group.sources})
+    weights = plan.model.sanitize({e.name: e.load() for e in group.sources})
     out = {}
     for name, value in weights.items():
-        value = value.astype(dtype)
+        value = value.astype(getattr(mx, plan.dtype))
         module, _, leaf = name.rpartition(".")
-        if module in quantized and leaf == "weight":
-            w, scales, biases = mx.quantize(value, group_size, bits, mode="affine")
+        if module in plan.quantized and leaf == "weight":
+            q = plan.quantization
+            w, scales, biases = mx.quantize(value, q["group_size"], q["bits"], mode="affine")
             out.update({f"{module}.weight": w, f"{module}.scales": scales, f"{module}.biases": biases})
         else:
             out[name] = value
@@ -406,23 +413,88 @@ def _convert_group(model: Model, group: Group, dtype: mx.Dtype, quantized: set[s
     return out
 
 
+def write_weights(directory: Path, plan: Plan, progress: bool) -> tuple[int, int]:
+    """Stream the groups through sanitize, cast and quantize into their shards in `directory`; the
+    bytes of tensor data and of the weight files."""
+    writer = ShardWriter(directory, plan.outputs)
+    try:
+        reading = _progress(sum(g.nbytes for g in plan.groups), "converting", progress)
+        writing = _progress(writer.tensor_bytes, "writing", progress, position=1)
+        with reading, writing:
+            for group in plan.groups:
+                out = _convert_group(plan, group)
+                reading.update(group.nbytes)
+                for name, value in out.items():
+                    writing.update(writer.write(name, value))
+                del out
+        return writer.tensor_bytes, writer.finish(plan.parameters)
+    except BaseException:
+        writer.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# The source checkpoint
+
+
 def resolve_source(hf_path: str, revision: Optional[str], progress: bool) -> tuple[Path, Optional[str]]:
     """A local checkpoint directory for `hf_path`, and the hub id when it came from the hub."""
-    from cumo_mlx import hub
-
-    path = Path(os.path.expanduser(hf_path))  # (Path.expanduser raises for "~nobody")
-    if os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
-        if not path.is_dir():
-            raise CuMoError(
-                f"{hf_path} is a file, not a checkpoint directory", "give the directory holding config.json"
-            )
+    path = hub.local_directory(hf_path, "checkpoint")
+    if path is not None:
         return path, None
-    if not hub.is_hub_id(hf_path):
-        raise CuMoError(
-            f"checkpoint directory not found: {hf_path}",
-            "check the path, or give a hub id like shi-labs/CuMo-mistral-7b",
+    return hub.download_checkpoint(hf_path, select_weight_files, revision=revision, progress=progress), hf_path
+
+
+def read_args(config: dict, base_dir: Optional[Path] = None) -> ModelArgs:
+    """The ModelArgs of a checkpoint's config.json. An original one names its vision tower instead of
+    holding its config: a built-in or local tower is read by ModelArgs, any other is fetched from the hub."""
+    tower = config.get("mm_vision_tower")
+    if config.get("vision_config") is None and isinstance(tower, str) and local_vision_config(tower, base_dir) is None:
+        vision = read_vision_tower(hub.download_vision_tower(tower))
+        config = {**config, "vision_config": dataclasses.asdict(vision)}
+    return ModelArgs.from_dict(config, base_dir)
+
+
+def read_source(src: Path, vision_tower: Optional[str]) -> tuple[dict, ModelArgs, dict, list[str]]:
+    """The checkpoint in `src`: its config.json, ModelArgs, tensors and tokenizer files (checked)."""
+    config = load_config(src)
+    if config.get("quantization") or config.get("quantization_config"):
+        raise CheckpointError(f"{src} holds an already quantized model", "convert the original float checkpoint")
+    if vision_tower is not None:
+        config["mm_vision_tower"] = vision_tower
+        config.pop("vision_config", None)
+    args = read_args(config, src)
+    if args.quantization is not None:
+        raise ConfigError("config.json has a 'quantization' entry", "convert the original float checkpoint")
+    entries = read_checkpoint(find_weight_files(src))
+    check_index(src, entries)
+    tokenizer_files = [name for name in hub.TOKENIZER_FILES if (src / name).is_file()]
+    if not any(name in tokenizer_files for name in ("tokenizer.model", "tokenizer.json")):
+        raise CheckpointError(
+            f"no tokenizer in {src} (tokenizer.model or tokenizer.json)",
+            "copy the tokenizer files into the checkpoint directory",
         )
-    return hub.download_checkpoint(hf_path, revision=revision, progress=progress), hf_path
+    return config, args, entries, tokenizer_files
+
+
+# --------------------------------------------------------------------------------------------
+# The conversion
+
+
+def _check_options(quantize: bool, q_bits: int, q_group_size: int, dtype: Optional[str], quantize_vision: bool) -> None:
+    if q_bits not in Q_BITS:
+        raise CuMoError(
+            f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}", "pick a supported bit width"
+        )
+    if q_group_size not in Q_GROUP_SIZES:
+        raise CuMoError(
+            f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, got {q_group_size}",
+            "pick a supported group size",
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise CuMoError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}", "pick a supported dtype")
+    if quantize_vision and not quantize:
+        raise CuMoError("--quantize-vision needs --quantize", "add -q")
 
 
 def _check_destination(dst: Path, force: bool, src: Optional[Path] = None) -> None:
@@ -438,38 +510,14 @@ def _check_destination(dst: Path, force: bool, src: Optional[Path] = None) -> No
         raise CuMoError(f"{dst.parent} is not a directory", "choose another --mlx-path")
 
 
-def _remove_stale_temporaries(dst: Path) -> None:
-    """Temporary directories of conversions to `dst` whose process is gone (killed, crashed)."""
-    if not dst.parent.is_dir():
-        return
-    for candidate in dst.parent.glob(f".{dst.name}{TMP_MARK}*"):
-        match = re.fullmatch(rf"\.{re.escape(dst.name)}{re.escape(TMP_MARK)}(\d+)-.+", candidate.name)
-        if not match or not candidate.is_dir():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(candidate, ignore_errors=True)
-        except (PermissionError, OverflowError, OSError):
-            pass
-
-
-def _install(tmp: Path, dst: Path, force: bool) -> None:
-    """Move the finished `tmp` to `dst`; with force, the old `dst` goes only now."""
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise CuMoError(
-                f"{dst} appeared while converting", "choose another --mlx-path, or pass --force to replace it"
-            )
-        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}-{time.time_ns()}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.rename(tmp, dst)
+def _command(hf_path: str, mlx_path: str, plan: Plan, quantize_vision: bool) -> str:
+    """The `cumo-mlx convert` command line that makes this conversion (for the model card)."""
+    flags = [f"--hf-path {hf_path}", f"--mlx-path {mlx_path}", f"--dtype {plan.dtype}"]
+    if plan.quantization:
+        q = plan.quantization
+        flags += ["-q", f"--q-bits {q['bits']}", f"--q-group-size {q['group_size']}"]
+        flags += ["--quantize-vision"] if quantize_vision else []
+    return "cumo-mlx convert " + " ".join(flags)
 
 
 def model_card(
@@ -564,101 +612,32 @@ def convert(
 ) -> Summary:
     """Convert the CuMo checkpoint `hf_path` (hub id or directory) into the MLX directory `mlx_path`."""
     started = time.time()
-    if q_bits not in Q_BITS:
-        raise CuMoError(
-            f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}", "pick a supported bit width"
-        )
-    if q_group_size not in Q_GROUP_SIZES:
-        raise CuMoError(
-            f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, got {q_group_size}",
-            "pick a supported group size",
-        )
-    if dtype is not None and dtype not in DTYPES:
-        raise CuMoError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}", "pick a supported dtype")
-    if quantize_vision and not quantize:
-        raise CuMoError("--quantize-vision needs --quantize", "add -q")
+    _check_options(quantize, q_bits, q_group_size, dtype, quantize_vision)
     dst = Path(os.path.expanduser(mlx_path)).absolute()
     _check_destination(dst, force)
-
     src, repo_id = resolve_source(str(hf_path), revision, progress)
     _check_destination(dst, force, src)
-
-    config = load_config(src)
-    if config.get("quantization") or config.get("quantization_config"):
-        raise CheckpointError(f"{src} holds an already quantized model", "convert the original float checkpoint")
-    if vision_tower is not None:
-        config["mm_vision_tower"] = vision_tower
-        config.pop("vision_config", None)
-    args = ModelArgs.from_dict(config, base_dir=src)
-    if args.quantization is not None:
-        raise ConfigError("config.json has a 'quantization' entry", "convert the original float checkpoint")
-
-    entries = read_checkpoint(find_weight_files(src))
-    check_index(src, entries)
-    tokenizer_files = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    if not any(name in tokenizer_files for name in ("tokenizer.model", "tokenizer.json")):
-        raise CheckpointError(
-            f"no tokenizer in {src} (tokenizer.model or tokenizer.json)",
-            "copy the tokenizer files into the checkpoint directory",
-        )
-
-    skeleton = Model(args)  # lazy parameters: shapes only, nothing is allocated
-    groups = plan_groups(skeleton, entries)
-    validate(skeleton, groups)
-    parameters = sum(math.prod(v.shape) for _, v in tree_flatten(skeleton.parameters()))
-
-    dtype = dtype or _default_dtype(config, entries)
-    target_dtype = getattr(mx, dtype)
-    quantization, quantized = None, set()
-    if quantize:
-        quantization, quantized = quantization_plan(skeleton, q_bits, q_group_size, quantize_vision)
-    plan = output_plan(skeleton, [g for g in groups if g.targets], quantized, target_dtype)
-
-    out_config = dataclasses.replace(args, quantization=quantization).to_dict()
-    if quantization:
-        out_config["quantization_config"] = quantization
+    config, args, entries, tokenizer_files = read_source(src, vision_tower)
+    plan = plan_conversion(args, config, entries, dtype, quantize, q_bits, q_group_size, quantize_vision)
     if command is None:
-        flags = [f"--hf-path {hf_path}", f"--mlx-path {mlx_path}", f"--dtype {dtype}"]
-        if quantize:
-            flags += ["-q", f"--q-bits {q_bits}", f"--q-group-size {q_group_size}"] + (
-                ["--quantize-vision"] if quantize_vision else []
-            )
-        command = "cumo-mlx convert " + " ".join(flags)
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(dst)
-    tmp = dst.parent / f".{dst.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # (not mkdtemp: DST gets the umask's permissions, not 0700)
-    writer = None
+        command = _command(hf_path, mlx_path, plan, quantize_vision)
+    out_config = dataclasses.replace(args, quantization=plan.quantization).to_dict()
+    if plan.quantization:
+        out_config["quantization_config"] = plan.quantization
     try:
-        writer = ShardWriter(tmp, plan)
-        reading = _progress(sum(g.nbytes for g in groups if g.targets), "converting", progress)
-        writing = _progress(writer.tensor_bytes, "writing", progress, position=1)
-        with reading, writing:
-            for group in groups:
-                if not group.targets:
-                    continue  # dropped tensors (rotary inv_freq, position_ids, post_layernorm)
-                out = _convert_group(skeleton, group, target_dtype, quantized, q_bits, q_group_size)
-                reading.update(group.nbytes)
-                for name, value in out.items():
-                    writing.update(writer.write(name, value))
-                del out
-        bytes_written = writer.finish(parameters)
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-        for name in tokenizer_files:
-            shutil.copyfile(src / name, tmp / name)
-        (tmp / "README.md").write_text(
-            model_card(str(hf_path), repo_id, args, dtype, quantization, command, upload_repo, dst)
-        )
-        _install(tmp, dst, force)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    summary = Summary(dst, parameters, writer.tensor_bytes, bytes_written, quantization, dtype, time.time() - started)
+        with staged_directory(dst, replace=force) as staged:
+            tensor_bytes, bytes_written = write_weights(staged, plan, progress)
+            (staged / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+            for name in tokenizer_files:
+                shutil.copyfile(src / name, staged / name)
+            card = model_card(str(hf_path), repo_id, args, plan.dtype, plan.quantization, command, upload_repo, dst)
+            (staged / "README.md").write_text(card)
+    except FileExistsError:  # (staged_directory's, without --force: DST was made meanwhile)
+        raise CuMoError(
+            f"{dst} appeared while converting", "choose another --mlx-path, or pass --force to replace it"
+        ) from None
+    seconds = time.time() - started
+    summary = Summary(dst, plan.parameters, tensor_bytes, bytes_written, plan.quantization, plan.dtype, seconds)
     if upload_repo:
-        from cumo_mlx.hub import upload
-
-        upload(dst, upload_repo)
+        hub.upload(dst, upload_repo)
     return summary

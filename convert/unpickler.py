@@ -210,17 +210,22 @@ class RestrictedUnpickler(pickle.Unpickler):
         return storage
 
 
-def _unwrap_state_dict(obj, where: str) -> dict:
-    """The {name: tensor} dict of a loaded checkpoint (accepting one level of {'state_dict': ...})."""
+def unwrap_state_dict(obj, where: str, tensor_type) -> dict:
+    """The {name: tensor} dict of a loaded checkpoint (accepting one level of {'state_dict': ...}),
+    once every key is a string and every value a `tensor_type`."""
     if isinstance(obj, dict) and len(obj) == 1:
         ((key, value),) = obj.items()
         if key in ("state_dict", "model", "module") and isinstance(value, dict):
             obj = value
     if not isinstance(obj, dict):
         raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state dict", "give a checkpoint of tensors")
-    for key in obj:
-        if not isinstance(key, str):
-            raise CheckpointError(f"{where} has a non-string key {key!r:.60}", "give a state dict of named tensors")
+    for name, value in obj.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{where} has a non-string key {name!r:.60}", "give a state dict of named tensors")
+        if not isinstance(value, tensor_type):
+            raise CheckpointError(
+                f"{where}: '{name}' is a {type(value).__name__}, not a tensor", "give a state dict of tensors"
+            )
     return obj
 
 
@@ -285,18 +290,13 @@ def load_torch_zip(path: Path) -> dict[str, PickledTensor]:
     if not zipfile.is_zipfile(path):
         _refuse_non_zip(path)
     try:
-        state = _unwrap_state_dict(_load_zip_pickle(path), str(path))
+        state = unwrap_state_dict(_load_zip_pickle(path), str(path), PickledTensor)
     except CheckpointError:
         raise
     except Exception as e:  # nothing here runs the file's code: any other error is a damaged file
         raise CheckpointError(
             f"cannot read {path}: {type(e).__name__}: {e}"[:400], "the file is damaged or not a state dict"
         ) from None
-    for name, value in state.items():
-        if not isinstance(value, PickledTensor):
-            raise CheckpointError(
-                f"{path}: '{name}' is a {type(value).__name__}, not a tensor", "give a state dict of tensors"
-            )
     return dict(state)
 
 

@@ -8,7 +8,7 @@ from .blas import load_blas
 
 load_blas()  # before anything imports mlx
 
-__all__ = ["load", "generate", "stream_generate", "ChatSession", "Model", "Processor"]
+__all__ = ["load", "generate", "stream_generate", "ChatSession", "Model", "Processor", "batch_generate", "BatchResponse"]
 __version__ = "0.1.0"
 
 # The API is imported on first use: mlx-lm imports transformers (seconds), which `cumo-mlx --help`
@@ -18,8 +18,10 @@ _API_MODULES = {
     "generate": "generate",
     "stream_generate": "generate",
     "ChatSession": "generate",
-    "Model": "model",
+    "Model": "models.model",
     "Processor": "processor",
+    "batch_generate": "batch.generate",
+    "BatchResponse": "batch.generate",
 }
 
 

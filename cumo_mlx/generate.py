@@ -1,17 +1,21 @@
 """Generation with a CuMo model: mlx-lm's loop (`stream_generate` -> `generate_step`) on our embeddings.
 
-The prompt's ids (one IMAGE_TOKEN_INDEX per image) become embeddings with each placeholder
-replaced by its image's rows (`Model.embed_inputs`); mlx-lm prefills them in `prefill_step_size`
-chunks into its KV cache and samples with its samplers and logits processors. mlx-lm wants token
-ids as long as the embeddings (for the processors' history), so each placeholder is expanded to
-one IMAGE_FILL_ID per image row. Float and quantized models share this one path.
+A call goes in three steps, each a function a server or a batch can reuse:
+- `prompt_ids`: the question in the conversation template (or prompt ids as given), after the one
+  check that it places one image per image (`prompt.check_placeholders`);
+- `encode_images`: each image's LLM embeddings (preprocessing, vision tower, connector);
+- `stream_prompt`: the ids laid out with the image rows (`prompt_inputs`), then mlx-lm, which
+  prefills them in `prefill_step_size` chunks into its KV cache and samples with its samplers and
+  logits processors, as `GenerationOptions` sets them.
+mlx-lm wants token ids as long as the embeddings (for the processors' history), so each placeholder
+is expanded to one IMAGE_FILL_ID per image row. Float and quantized models share this one path.
 
 `ChatSession` keeps one KV cache across turns: each turn prefills only its own new tokens.
 """
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -24,13 +28,104 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from PIL import Image
 
 from .errors import CuMoError
-from .model import Model
-from .processor import IMAGE_TOKEN_INDEX, ImageSource, Processor, check_text, image_layout
-from .templates import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, chat_prompt, user_turn, with_image_placeholders
+from .models.model import Model
+from .processor import ImageSource, Processor, check_text
+from .prompt import (
+    DEFAULT_SYSTEM,
+    IMAGE_PLACEHOLDER,
+    chat_prompt,
+    check_placeholders,
+    image_layout,
+    user_turn,
+    with_image_placeholders,
+)
 
 IMAGE_FILL_ID = 0  # stands for an image row in the token history the logits processors see
 KV_BITS = (1, 2, 3, 4, 5, 6, 8)  # the widths mx.quantize supports
 KV_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Sampling, KV cache and prefill settings: mlx-lm's names, meanings and defaults.
+
+    temp 0 is greedy; top_k 0 and min_p 0 keep every token; repetition_penalty None (or 1) is none;
+    `logit_bias` maps token ids to added logits; max_kv_size bounds the cache (a rotating one);
+    kv_bits quantizes it in kv_group_size groups once it holds quantized_kv_start tokens; prompts are
+    prefilled prefill_step_size positions at a time. A value mlx-lm would reject late, crash on, or
+    silently ignore raises CuMoError when the options are made (`check_model`: what needs the model).
+    """
+
+    max_tokens: int = 512
+    temp: float = 0.2
+    top_p: float = 1.0
+    min_p: float = 0.0
+    top_k: int = 0
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    logit_bias: Optional[dict[int, float]] = None
+    max_kv_size: Optional[int] = None
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
+    prefill_step_size: int = 2048
+
+    @classmethod
+    def of(cls, options: Optional["GenerationOptions"] = None, **values) -> "GenerationOptions":
+        """`options` (default: the defaults) with `values` replacing fields: how the API takes either."""
+        options = options or cls()
+        return replace(options, **values) if values else options
+
+    def __post_init__(self):
+        temp, penalty, kv_bits, max_kv_size = self.temp, self.repetition_penalty, self.kv_bits, self.max_kv_size
+        rules = [  # (option, wrong, what it must be)
+            ("max_tokens", self.max_tokens < 1, "must be at least 1"),
+            ("temp", not (math.isfinite(temp) and temp >= 0), "must be >= 0 and finite (0 is greedy)"),
+            ("top_p", not 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", not 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("top_k", self.top_k < 0, "must be >= 0 (0 keeps every token)"),
+            ("repetition_penalty", penalty is not None and not (math.isfinite(penalty) and penalty > 0),
+             "must be > 0 and finite (1 is none)"),  # fmt: skip
+            ("repetition_context_size", self.repetition_context_size < 1, "must be at least 1"),
+            ("max_kv_size", max_kv_size is not None and max_kv_size < 1, "must be at least 1"),
+            ("prefill_step_size", self.prefill_step_size < 1, "must be at least 1"),
+            ("quantized_kv_start", self.quantized_kv_start < 0, "must be >= 0"),
+            ("kv_bits", kv_bits not in (None, *KV_BITS), f"must be one of {', '.join(map(str, KV_BITS))}"),
+            ("kv_group_size", kv_bits is not None and self.kv_group_size not in KV_GROUP_SIZES,
+             f"must be one of {', '.join(map(str, KV_GROUP_SIZES))}"),  # fmt: skip
+        ]
+        for option, wrong, requirement in rules:
+            if wrong:
+                raise CuMoError(f"{option} {requirement}, got {getattr(self, option)}", "change that option")
+        if kv_bits is not None and max_kv_size is not None:
+            message = "kv_bits cannot be combined with max_kv_size (mlx-lm cannot quantize a rotating cache)"
+            raise CuMoError(message, "change that option")
+
+    def check_model(self, model: Model) -> None:
+        """CuMoError if the KV quantization groups do not divide the model's attention head size."""
+        head_dim = model.args.text_config.head_dim
+        if self.kv_bits is not None and head_dim % self.kv_group_size != 0:
+            message = f"kv_group_size {self.kv_group_size} does not divide the model's attention head size {head_dim}"
+            raise CuMoError(message, "change that option")
+
+    def sampler(self, vocab_size: int) -> Callable[[mx.array], mx.array]:
+        """mlx-lm's sampler. top_k >= the vocabulary keeps every token, as 0 does (mlx-lm raises inside
+        a compiled function, which leaves MLX's random state unusable for the rest of the process)."""
+        top_k = 0 if self.top_k >= vocab_size else self.top_k
+        return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=top_k)
+
+    def logits_processors(self) -> list[Callable]:
+        """mlx-lm's logits processors: the logit bias and the repetition penalty."""
+        penalty, context_size = self.repetition_penalty, self.repetition_context_size
+        return make_logits_processors(self.logit_bias, repetition_penalty=penalty, repetition_context_size=context_size)
+
+    def mlx_lm_arguments(self, vocab_size: int) -> dict:
+        """These options as the keyword arguments of mlx-lm's `stream_generate`."""
+        cache = ("max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start", "prefill_step_size")
+        return dict(
+            max_tokens=self.max_tokens, sampler=self.sampler(vocab_size), logits_processors=self.logits_processors(),
+            **{name: getattr(self, name) for name in cache},
+        )  # fmt: skip
 
 
 @dataclass
@@ -48,61 +143,6 @@ def context_length(model: Model) -> int:
     return min(limit for limit in limits if limit)
 
 
-def check_generation_args(
-    head_dim: Optional[int],
-    max_tokens: int,
-    temp: float,
-    top_p: float,
-    min_p: float,
-    top_k: int,
-    repetition_penalty: Optional[float],
-    repetition_context_size: int,
-    max_kv_size: Optional[int],
-    kv_bits: Optional[int],
-    kv_group_size: int,
-    quantized_kv_start: int,
-    prefill_step_size: int,
-) -> None:
-    """Raise CuMoError for a value mlx-lm would reject late, crash on, or silently ignore.
-
-    `head_dim` (the model's attention head size) checks kv_group_size too; None skips that check.
-    """
-    problems = [
-        (max_tokens < 1, f"max_tokens must be at least 1, got {max_tokens}"),
-        (not (math.isfinite(temp) and temp >= 0), f"temp must be >= 0 and finite (0 is greedy), got {temp}"),
-        (not 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}"),
-        (not 0 <= min_p <= 1, f"min_p must be in [0, 1], got {min_p}"),
-        (top_k < 0, f"top_k must be >= 0 (0 keeps every token), got {top_k}"),
-        (
-            repetition_penalty is not None and not (math.isfinite(repetition_penalty) and repetition_penalty > 0),
-            f"repetition_penalty must be > 0 and finite (1 is none), got {repetition_penalty}",
-        ),
-        (repetition_context_size < 1, f"repetition_context_size must be at least 1, got {repetition_context_size}"),
-        (max_kv_size is not None and max_kv_size < 1, f"max_kv_size must be at least 1, got {max_kv_size}"),
-        (prefill_step_size < 1, f"prefill_step_size must be at least 1, got {prefill_step_size}"),
-        (quantized_kv_start < 0, f"quantized_kv_start must be >= 0, got {quantized_kv_start}"),
-    ]
-    if kv_bits is not None:
-        problems += [
-            (kv_bits not in KV_BITS, f"kv_bits must be one of {', '.join(map(str, KV_BITS))}, got {kv_bits}"),
-            (
-                kv_group_size not in KV_GROUP_SIZES,
-                f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, got {kv_group_size}",
-            ),
-            (
-                head_dim is not None and head_dim % kv_group_size != 0,
-                f"kv_group_size {kv_group_size} does not divide the model's attention head size {head_dim}",
-            ),
-            (
-                max_kv_size is not None,
-                "kv_bits cannot be combined with max_kv_size (mlx-lm cannot quantize a rotating cache)",
-            ),
-        ]
-    for bad, message in problems:
-        if bad:
-            raise CuMoError(message, "change that option")
-
-
 def as_image_list(images: Union[ImageSource, Sequence[ImageSource], None]) -> list[ImageSource]:
     if isinstance(images, (str, Path, Image.Image)):
         return [images]
@@ -116,9 +156,26 @@ def check_question(question: str, num_images: int) -> str:
     return with_image_placeholders(check_text(question), num_images)
 
 
-def expand_image_ids(ids: Sequence[int], rows_per_image: int) -> mx.array:
-    """The ids with each image placeholder repeated as IMAGE_FILL_ID once per image row."""
-    return mx.array(image_layout(ids, rows_per_image, IMAGE_FILL_ID)[0])
+def check_system(system: Optional[str]) -> Optional[str]:
+    """The system text, if it is valid text without `<image>` (images go with the question)."""
+    if system and IMAGE_PLACEHOLDER in check_text(system):
+        raise CuMoError(f"the system text holds {IMAGE_PLACEHOLDER}", f"put {IMAGE_PLACEHOLDER} in the prompt instead")
+    return system
+
+
+def prompt_ids(
+    processor: Processor, prompt: Union[str, Sequence[int]], num_images: int, system: Optional[str] = DEFAULT_SYSTEM
+) -> list[int]:
+    """The prompt ids of a one-question conversation, one IMAGE_TOKEN_INDEX per image, after the one
+    placeholder check: `prompt` is the user's question (put into the template with `system`, one
+    `<image>` per image unless the question places them) or prompt ids used as given."""
+    if isinstance(prompt, str):
+        return processor.tokenize(chat_prompt([check_question(prompt, num_images)], check_system(system)))
+    ids = [int(i) for i in prompt]
+    if not ids:
+        raise CuMoError("the prompt is empty", "give a question or an instruction")
+    check_placeholders(ids, num_images)
+    return ids
 
 
 def encode_images(model: Model, processor: Processor, images: Sequence[ImageSource]) -> list[mx.array]:
@@ -126,6 +183,65 @@ def encode_images(model: Model, processor: Processor, images: Sequence[ImageSour
     memory of one image. Every image is read (and a bad one reported) before the vision tower runs."""
     pixels = [processor.preprocess_images([image]) for image in images]
     return [model.encode_images(p).features for p in pixels]
+
+
+def prompt_inputs(
+    model: Model, ids: Sequence[int], image_features: Optional[mx.array] = None, cached: int = 0
+) -> tuple[mx.array, mx.array]:
+    """mlx-lm's inputs for checked prompt ids and their images' features [n, rows, hidden]: the ids
+    with each placeholder expanded to one IMAGE_FILL_ID per image row, and their embeddings
+    [L', hidden] with the image rows in place. CuMoError if they do not fit in the model's context
+    after `cached` positions of the conversation so far."""
+    num_images = 0 if image_features is None else image_features.shape[0]
+    rows = image_features.shape[1] if num_images else 0
+    tokens, image_rows = image_layout(ids, rows, IMAGE_FILL_ID)
+    context = context_length(model)
+    if cached + tokens.size > context:
+        what = f"the prompt is {tokens.size} tokens ({num_images * rows} of them image features)"
+        if cached:
+            what += f" after {cached} earlier tokens of the conversation"
+        raise CuMoError(f"{what}, over the model's context of {context}", "shorten it or use fewer images")
+    tokens = mx.array(tokens)
+    embeddings = model.embed_batch(tokens[None], mx.array(image_rows)[None], image_features if num_images else None)
+    return tokens, embeddings[0]
+
+
+def stream_prompt(
+    model: Model,
+    processor: Processor,
+    ids: Sequence[int],
+    images: Sequence[ImageSource] = (),
+    *,
+    image_features: Optional[mx.array] = None,
+    options: Optional[GenerationOptions] = None,
+    prompt_cache: Optional[list] = None,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Iterator[GenerationResponse]:
+    """`stream_generate` for prompt ids that passed the placeholder check (`prompt_ids`): one
+    IMAGE_TOKEN_INDEX per image of `images` (paths, URLs or PIL images), or per image of
+    `image_features` [n, rows, hidden]."""
+    options = options or GenerationOptions()
+    options.check_model(model)
+    tic = time.perf_counter()
+    per_image = encode_images(model, processor, images)
+    if per_image:
+        image_features = mx.concatenate(per_image)
+    cached = prompt_cache[0].offset if prompt_cache else 0
+    tokens, embeddings = prompt_inputs(model, ids, image_features, cached)
+    for features in per_image:  # after the context check: a prompt that cannot fit costs no vision tower
+        mx.eval(features)
+    image_time = time.perf_counter() - tic if image_features is not None and image_features.shape[0] else 0.0
+    responses = mlx_stream_generate(
+        model.language_model,
+        processor.tokenizer,
+        tokens,
+        input_embeddings=embeddings,
+        prompt_cache=prompt_cache,
+        prompt_progress_callback=prompt_progress_callback,
+        **options.mlx_lm_arguments(model.args.text_config.vocab_size),
+    )
+    for response in responses:
+        yield GenerationResponse(**vars(response), image_time=image_time)
 
 
 def stream_generate(
@@ -136,92 +252,32 @@ def stream_generate(
     *,
     image_features: Optional[mx.array] = None,
     system: Optional[str] = DEFAULT_SYSTEM,
-    max_tokens: int = 512,
-    temp: float = 0.2,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    top_k: int = 0,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    logit_bias: Optional[dict[int, float]] = None,
     prompt_cache: Optional[list] = None,
-    max_kv_size: Optional[int] = None,
-    kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
-    prefill_step_size: int = 2048,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    options: Optional[GenerationOptions] = None,
+    **option_values,
 ) -> Iterator[GenerationResponse]:
     """Yield the answer as it is generated, one GenerationResponse per token, as mlx-lm does.
 
     `prompt` is the user's question (put into the conversation template with `system`, one
     `<image>` per image unless the question places them) or prompt ids used as given (one
     IMAGE_TOKEN_INDEX per image). `images` are paths, http(s) URLs or PIL images; or give
-    `image_features` [n, rows, hidden] already encoded. Sampling and the KV cache options are
-    mlx-lm's (temp 0 is greedy; `logit_bias` maps token ids to added logits). With `prompt_cache`,
-    the prompt continues what the cache holds. Generation stops at `</s>` or after `max_tokens`
-    tokens; the last response has `finish_reason` "stop" (its token is `</s>`) or "length".
+    `image_features` [n, rows, hidden] already encoded. Sampling and the KV cache: `options`, or
+    GenerationOptions' fields as keywords (max_tokens=, temp=, ...; over `options` when both).
+    With `prompt_cache`, the prompt continues what the cache holds. Generation stops at `</s>` or
+    after `max_tokens` tokens; the last response has `finish_reason` "stop" (its token is `</s>`)
+    or "length".
     """
-    check_generation_args(
-        model.args.text_config.head_dim, max_tokens, temp, top_p, min_p, top_k, repetition_penalty,
-        repetition_context_size, max_kv_size, kv_bits, kv_group_size, quantized_kv_start, prefill_step_size,
-    )  # fmt: skip
+    options = GenerationOptions.of(options, **option_values)
     images = as_image_list(images)
     if images and image_features is not None:
         raise ValueError("give images or image_features, not both")
     num_images = len(images) if image_features is None else image_features.shape[0]
-    if isinstance(prompt, str):
-        ids = processor.tokenize(chat_prompt([check_question(prompt, num_images)], system))
-    else:
-        ids = [int(i) for i in prompt]
-        if not ids:
-            raise CuMoError("the prompt is empty", "give a question or an instruction")
-        placeholders = ids.count(IMAGE_TOKEN_INDEX)
-        if placeholders != num_images:
-            raise CuMoError(
-                f"the prompt has {placeholders} image placeholder(s) but {num_images} image(s) were given",
-                f"give one image per {IMAGE_PLACEHOLDER}",
-            )
-
-    tic = time.perf_counter()
-    per_image = encode_images(model, processor, images) if images else []
-    if per_image:
-        image_features = mx.concatenate(per_image)
-    rows = 0 if image_features is None else image_features.shape[1]
-    expanded = expand_image_ids(ids, rows)
-    cached = prompt_cache[0].offset if prompt_cache else 0
-    context = context_length(model)
-    if cached + expanded.size > context:
-        what = f"the prompt is {expanded.size} tokens ({num_images * rows} of them image features)"
-        if cached:
-            what += f" after {cached} earlier tokens of the conversation"
-        raise CuMoError(f"{what}, over the model's context of {context}", "shorten it or use fewer images")
-    for features in per_image:
-        mx.eval(features)
-    image_time = time.perf_counter() - tic if num_images else 0.0
-
-    responses = mlx_stream_generate(
-        model.language_model,
-        processor.tokenizer,
-        expanded,
-        max_tokens=max_tokens,
-        input_embeddings=model.embed_inputs(ids, image_features),
-        # top_k >= the vocabulary keeps every token, as 0 does (mlx-lm raises inside a compiled function,
-        # which leaves MLX's random state unusable for the rest of the process).
-        sampler=make_sampler(temp, top_p=top_p, min_p=min_p, top_k=0 if top_k >= model.args.text_config.vocab_size else top_k),
-        logits_processors=make_logits_processors(
-            logit_bias, repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
-        ),
-        prompt_cache=prompt_cache,
-        max_kv_size=max_kv_size,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        quantized_kv_start=quantized_kv_start,
-        prefill_step_size=prefill_step_size,
-        prompt_progress_callback=prompt_progress_callback,
-    )
-    for response in responses:
-        yield GenerationResponse(**vars(response), image_time=image_time)
+    ids = prompt_ids(processor, prompt, num_images, system)
+    yield from stream_prompt(
+        model, processor, ids, images, image_features=image_features, options=options,
+        prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback,
+    )  # fmt: skip
 
 
 def format_stats(response: GenerationResponse, num_images: int) -> str:
@@ -266,13 +322,10 @@ class ChatSession:
     """
 
     def __init__(
-        self,
-        model: Model,
-        processor: Processor,
-        system: Optional[str] = DEFAULT_SYSTEM,
-        max_kv_size: Optional[int] = None,
+        self, model: Model, processor: Processor, system: Optional[str] = DEFAULT_SYSTEM, max_kv_size: Optional[int] = None
     ):
-        self.model, self.processor, self.system, self.max_kv_size = model, processor, system, max_kv_size
+        self.model, self.processor, self.max_kv_size = model, processor, max_kv_size
+        self.system = check_system(system)
         self.eos = processor.tokenizer.eos_token_id
         self.encoded: dict[str, mx.array] = {}  # image source -> features: each image encoded once
         self.reset()
@@ -296,7 +349,7 @@ class ChatSession:
         self.pending.append(features)
 
     def turn_ids(self, question: str) -> list[int]:
-        """The new ids a turn asking `question` appends to the conversation."""
+        """The new ids a turn asking `question` appends to the conversation (the placeholder check)."""
         text = user_turn(check_question(question, len(self.pending)), not self.ids, self.system)
         if not self.ids:
             return self.processor.tokenize(text)
@@ -305,15 +358,20 @@ class ChatSession:
         after = len(self.processor.tokenize("</s>"))
         return ([] if self.ids[-1] == self.eos else [self.eos]) + self.processor.tokenize("</s>" + text)[after:]
 
-    def stream(self, question: str, **kwargs) -> Iterator[GenerationResponse]:
-        """Ask `question` (about the images added since the last turn) and stream the answer."""
+    def stream(
+        self, question: str, *, prompt_progress_callback=None, options=None, **option_values
+    ) -> Iterator[GenerationResponse]:
+        """Ask `question` (about the images added since the last turn) and stream the answer;
+        `options` and keywords as `stream_generate` takes them."""
         new_ids = self.turn_ids(question)
+        options = GenerationOptions.of(options, **option_values)
         features = mx.concatenate(self.pending) if self.pending else None
         answered = False
         try:
-            for response in stream_generate(
-                self.model, self.processor, new_ids, image_features=features, prompt_cache=self.cache, **kwargs
-            ):
+            for response in stream_prompt(
+                self.model, self.processor, new_ids, image_features=features, options=options,
+                prompt_cache=self.cache, prompt_progress_callback=prompt_progress_callback,
+            ):  # fmt: skip
                 if not answered:  # the turn's prompt is in the cache now
                     answered = True
                     self.ids += new_ids

@@ -1,9 +1,9 @@
-"""The Hugging Face Hub: downloading original checkpoints, and converting hub ids on first use.
+"""The Hugging Face Hub: hub ids, downloads, the conversion cache's paths, uploads.
 
-`cumo_mlx.load("shi-labs/CuMo-mistral-7b")` (and every `--model`) comes here: a repo already in
-MLX layout (its config.json embeds `vision_config`) is downloaded and used as is; an original
-PyTorch checkpoint is downloaded and converted once, 4-bit by default, into a cache directory
-that later loads reuse:
+`cumo_mlx.load("shi-labs/CuMo-mistral-7b")` (and every `--model`) resolves a hub id through
+`loader.resolve_model_path`: a repo already in MLX layout (its config.json embeds `vision_config`)
+is downloaded and used as is; an original PyTorch checkpoint is downloaded and converted once,
+4-bit by default, into a cache directory that later loads reuse:
 
     $CUMO_MLX_CACHE, else $HF_HOME/cumo-mlx, else ~/.cache/cumo-mlx
         <owner>--<name>-4bit/            (revision-pinned: <owner>--<name>@<revision>-4bit)
@@ -18,9 +18,9 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from .errors import CheckpointError, CuMoError
+from .errors import CheckpointError, ConfigError, CuMoError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_BITS = 4
@@ -45,6 +45,23 @@ META_FILES = [
 
 def is_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name)) and ".." not in name
+
+
+def local_directory(name: str, kind: str) -> Optional[Path]:
+    """The existing directory the path `name` names, or None when there is none and `name` is a hub id.
+
+    `kind` ("model", "checkpoint") words the errors: `name` is a file, or neither a path nor a hub id.
+    """
+    path = Path(os.path.expanduser(name))  # (Path.expanduser raises for "~nobody")
+    if os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
+        if not path.is_dir():
+            raise CuMoError(f"{name} is a file, not a {kind} directory", "give the directory holding config.json")
+        return path
+    if not is_hub_id(name):
+        raise CuMoError(
+            f"{kind} directory not found: {name}", "check the path, or give a hub id like shi-labs/CuMo-mistral-7b"
+        )
+    return None
 
 
 def _offline() -> bool:
@@ -104,11 +121,18 @@ def _snapshot(repo_id: str, revision: Optional[str], allow_patterns: Optional[li
             enable_progress_bars()
 
 
-def download_checkpoint(repo_id: str, revision: Optional[str] = None, progress: bool = True) -> Path:
-    """The local snapshot of an original checkpoint: config, tokenizer and weights, nothing else."""
-    from huggingface_hub import HfApi, hf_hub_download
+def download_checkpoint(
+    repo_id: str,
+    select_weight_files: Callable[[list, Callable[[str], dict]], list],
+    revision: Optional[str] = None,
+    progress: bool = True,
+) -> Path:
+    """The local snapshot of an original checkpoint: config, tokenizer and weights, nothing else.
 
-    from .convert.checkpoint import select_weight_files
+    select_weight_files(names, read_index) picks the weight files among the repo's file names;
+    read_index(name) is the `weight_map` of the index file `name`.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
 
     try:
         if _offline():
@@ -145,7 +169,7 @@ def converted_path(repo_id: str, revision: Optional[str] = None, bits: int = DEF
     return cache_root() / f"{owner}--{name}{pin}-{bits}bit"
 
 
-def _is_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[bool]:
+def is_mlx_repo(repo_id: str, revision: Optional[str] = None) -> Optional[bool]:
     """Whether the hub repo is already in MLX layout (None when its config cannot be read)."""
     from huggingface_hub import hf_hub_download
 
@@ -157,32 +181,43 @@ def _is_mlx_repo(repo_id: str, revision: Optional[str]) -> Optional[bool]:
         return None
 
 
-def resolve_hub_model(
-    repo_id: str, revision: Optional[str] = None, bits: int = DEFAULT_BITS, progress: bool = True
-) -> Path:
-    """An MLX model directory for a hub id: the repo itself if in MLX layout, else a cached conversion."""
-    target = converted_path(repo_id, revision, bits)
-    if (target / "config.json").is_file():
-        return target
-    is_mlx = _is_mlx_repo(repo_id, revision)
-    if is_mlx:
-        try:
-            return _snapshot(repo_id, revision, None, progress)
-        except Exception as e:
-            raise _hub_error(repo_id, revision, e) from None
-    from .convert.convert import convert
-
-    if progress and is_mlx is not None:  # (None: its config is out of reach, the conversion reports why)
-        print(f"{repo_id}: converting to MLX ({bits}-bit) into {target} (once; later loads reuse it)", file=sys.stderr)
+def download_model(repo_id: str, revision: Optional[str] = None, progress: bool = True) -> Path:
+    """The local snapshot of a whole repo (an MLX model: every file is used)."""
     try:
-        summary = convert(repo_id, str(target), quantize=True, q_bits=bits, revision=revision, progress=progress)
-    except CuMoError:
-        if (target / "config.json").is_file():  # another process finished the same conversion first
-            return target
-        raise
-    if progress:
-        print(summary.line(), file=sys.stderr)
-    return target
+        return _snapshot(repo_id, revision, None, progress)
+    except Exception as e:
+        raise _hub_error(repo_id, revision, e) from None
+
+
+def download_vision_tower(repo_id: str) -> Path:
+    """The local directory of a CLIP vision tower's config.json (and preprocessor_config.json, where
+    the repo has one), as `mm_vision_tower` names it in an original config.json."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    try:
+        directory = Path(hf_hub_download(repo_id, "config.json")).parent
+    except HFValidationError:
+        raise ConfigError(
+            f"mm_vision_tower '{repo_id}' is neither a known tower, a local directory nor a hub id",
+            "set --vision-tower to a CLIP directory or hub id",
+        ) from None
+    except Exception as e:  # offline, unknown repo, network failure
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(
+                f"the vision tower config '{repo_id}' is not in the local hub cache and hub access is offline "
+                "(HF_HUB_OFFLINE is set)",
+                "unset HF_HUB_OFFLINE and connect to the network, or pass --vision-tower with a local CLIP directory",
+            ) from None
+        raise ConfigError(
+            f"cannot fetch the vision tower config '{repo_id}' from the hub ({type(e).__name__})",
+            "connect to the network, or pass --vision-tower with a local CLIP directory",
+        ) from None
+    try:
+        hf_hub_download(repo_id, "preprocessor_config.json")  # (into the same snapshot directory)
+    except EntryNotFoundError:
+        pass
+    return directory
 
 
 def upload(path: Path, repo_id: str) -> None:

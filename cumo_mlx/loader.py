@@ -6,9 +6,8 @@ tokenizer files. Weight loading, quantized-layer rebuilding and sharded saving a
 """
 
 import json
-import os
 import shutil
-import tempfile
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -20,28 +19,46 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 from mlx_lm.utils import save_model
 
-from .config import ModelArgs, load_config
+from . import hub
+from .convert.convert import convert
 from .errors import CheckpointError, CuMoError
-from .hub import TOKENIZER_FILES, is_hub_id, resolve_hub_model
-from .model import Model
+from .models.config import ModelArgs, load_config
+from .models.model import Model
 from .processor import Processor, SlowLlamaEncoder
+from .staging import staged_directory
 
 DEMO_PATH = Path(__file__).parent / "demo"
 
 
 def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
-    """A local MLX model directory for `demo`, a local path, or (through the converter's cache) a hub id."""
+    """A local MLX model directory for `demo`, a local path, or a hub id (see `_hub_model`)."""
     name = str(path_or_repo)
     if name == "demo":
         return DEMO_PATH
-    path = Path(os.path.expanduser(name))  # (Path.expanduser raises for "~nobody")
-    if os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
-        if not path.is_dir():
-            raise CuMoError(f"{name} is a file, not a model directory", "give the directory holding config.json")
-        return path
-    if name.startswith((".", "/", "~")) or not is_hub_id(name):
-        raise CuMoError(f"model directory not found: {name}", "check the path, or give a hub id like shi-labs/CuMo-mistral-7b")
-    return resolve_hub_model(name)  # downloaded, and converted once into a cache directory
+    path = hub.local_directory(name, "model")
+    return path if path is not None else _hub_model(name)
+
+
+def _hub_model(repo_id: str) -> Path:
+    """An MLX model directory for a hub id: the repo itself if in MLX layout, else its 4-bit conversion
+    in the cache (`hub.converted_path`), made on first use."""
+    target = hub.converted_path(repo_id)
+    if (target / "config.json").is_file():
+        return target
+    is_mlx = hub.is_mlx_repo(repo_id)
+    if is_mlx:
+        return hub.download_model(repo_id)
+    if is_mlx is not None:  # (None: its config is out of reach, the conversion reports why)
+        how = f"converting to MLX ({hub.DEFAULT_BITS}-bit) into {target} (once; later loads reuse it)"
+        print(f"{repo_id}: {how}", file=sys.stderr)
+    try:
+        summary = convert(repo_id, str(target), quantize=True, q_bits=hub.DEFAULT_BITS)
+    except CuMoError:
+        if (target / "config.json").is_file():  # another process finished the same conversion first
+            return target
+        raise
+    print(summary.line(), file=sys.stderr)
+    return target
 
 
 def check_output(path: Union[str, Path], *inputs: Path) -> None:
@@ -154,33 +171,21 @@ def save(
 ) -> None:
     """Write `model` in MLX layout to `path`, with the tokenizer files copied from `tokenizer_source`.
 
-    Everything is written to a temporary folder inside `path` first and moved in only once complete,
-    so a failure (a full disk) leaves what `path` held before as it was.
+    The files are staged and moved in only once all are written, config.json last; the shards of a
+    model saved there before go too. A failure (a full disk) leaves what `path` held as it was.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob(".tmp-save-*"):  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    temp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=path))
-    try:
+    shards = ("model*.safetensors", "model.safetensors.index.json")
+    with staged_directory(path, merge=True, last="config.json", stale=shards) as staged:
         try:
-            save_model(temp, model)
+            save_model(staged, model)
             config = model.args.to_dict()
             config.update(extra_config or {})
-            (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            for name in TOKENIZER_FILES if tokenizer_source is not None else ():
+            (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for name in hub.TOKENIZER_FILES if tokenizer_source is not None else ():
                 if (tokenizer_source / name).exists():
-                    shutil.copyfile(tokenizer_source / name, temp / name)
+                    shutil.copyfile(tokenizer_source / name, staged / name)
         except (OSError, RuntimeError) as e:  # MLX reports a failed write as a RuntimeError
             raise CuMoError(
                 f"cannot write the model to {path}: {e}", f"check the free space and permissions; {path} is unchanged"
             ) from None
-        written = sorted((p.name for p in temp.iterdir()), key=lambda name: name == "config.json")
-        for stale in [*path.glob("model*.safetensors"), path / "model.safetensors.index.json"]:
-            if stale.name not in written and stale.is_file():  # shards of the model written there before
-                stale.unlink()
-        for name in written:  # config.json last: a directory with it is complete
-            os.replace(temp / name, path / name)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-

@@ -23,30 +23,14 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import ModelArgs, VisionConfig
 from .errors import CuMoError, ImageError
-from .templates import IMAGE_PLACEHOLDER
+from .models.config import ModelArgs, VisionConfig
+from .prompt import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 
-IMAGE_TOKEN_INDEX = -200  # placeholder id of an image in prompt ids
-IGNORE_INDEX = -100  # label of positions that are not supervised
 URL_TIMEOUT_S = 20
 URL_MAX_BYTES = 50 * 1024 * 1024
 
 ImageSource = Union[str, Path, Image.Image]
-
-
-def image_layout(ids, rows_per_image: int, fill_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Where image rows go in the LLM's input: the ids with each IMAGE_TOKEN_INDEX expanded to
-    `rows_per_image` positions holding `fill_id`, and for each position the row of the images'
-    features (flattened to [images * rows_per_image, hidden]) it takes, -1 at a token."""
-    ids = np.asarray(ids, dtype=np.int64)
-    is_image = ids == IMAGE_TOKEN_INDEX
-    repeats = np.where(is_image, rows_per_image, 1)
-    tokens = np.repeat(np.where(is_image, fill_id, ids), repeats)
-    at_image = np.repeat(is_image, repeats)
-    rows = np.full(tokens.shape, -1, dtype=np.int64)
-    rows[at_image] = np.arange(int(at_image.sum()))
-    return tokens, rows
 
 
 class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):

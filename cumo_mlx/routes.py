@@ -11,17 +11,16 @@ Mixtral, every position of the whole conversation (images spliced in). The LLM o
 has MoE layers.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from .data import BadSample, build_prompt, check_sample, read_records
 from .errors import DataError
-from .moe import Routing, SparseMoE, route
-from .templates import IMAGE_PLACEHOLDER
+from .models.moe import Routing, SparseMoE, route
+from .prompt import IMAGE_PLACEHOLDER
+from .train.data import BadSample, build_prompt, check_sample, read_records
 
 
 @dataclass
@@ -190,88 +189,3 @@ def count_routes(
     finally:
         model.vision_tower.train(was_training)
     return RouteStats(layers, [counts[name] for name in names], len(samples))
-
-
-# --- heatmap ---------------------------------------------------------------------------------
-
-# viridis, sampled at 0, 1/8, ..., 1
-_VIRIDIS = np.array(
-    [
-        (68, 1, 84), (71, 45, 123), (59, 82, 139), (44, 114, 142), (33, 145, 140),
-        (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37),
-    ],
-    dtype=np.float64,
-)
-CELL_W, CELL_H, PAD = 72, 28, 10
-
-
-def colour_of(value: float) -> tuple[int, int, int]:
-    """Viridis colour of a value in [0, 1]."""
-    x = float(np.clip(value, 0.0, 1.0)) * (len(_VIRIDIS) - 1)
-    i = min(int(x), len(_VIRIDIS) - 2)
-    rgb = _VIRIDIS[i] + (x - i) * (_VIRIDIS[i + 1] - _VIRIDIS[i])
-    return tuple(int(round(c)) for c in rgb)
-
-
-def heatmap(stats: RouteStats, path, title: str = "expert share per MoE layer") -> dict:
-    """Write a PNG heatmap (rows: layers, columns: experts), drawn with PIL; returns its grid.
-
-    A cell's colour is its share on a scale from 0 to 1/top-k (the most an expert can get); the
-    grid geometry and the numbers are stored in the PNG's text chunks ("grid", "stats").
-    """
-    from PIL import Image, ImageDraw, ImageFont
-    from PIL.PngImagePlugin import PngInfo
-
-    try:
-        font = ImageFont.load_default(size=13)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the small bitmap font
-        font = ImageFont.load_default()
-    rows, cols = len(stats.layers), max(layer.num_experts for layer in stats.layers)
-    vmax = 1.0 / min(layer.top_k for layer in stats.layers)
-    labels = [layer.name + ("*" if layer.router_only else "") for layer in stats.layers]
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_width(text):
-        return int(probe.textlength(text, font=font))
-
-    x0 = PAD + max(text_width(label) for label in labels) + PAD
-    y0 = PAD + 20 + 20  # title, then the expert header
-    width = max(x0 + cols * CELL_W + PAD, PAD + text_width(title) + PAD, 2 * PAD + 260)
-    legend_y = y0 + rows * CELL_H + PAD
-    height = legend_y + 14 + 18 + (18 if any(layer.router_only for layer in stats.layers) else 0) + PAD
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw.text((PAD, PAD), title, fill=(0, 0, 0), font=font)
-    for e in range(cols):
-        draw.text((x0 + e * CELL_W + CELL_W // 2 - text_width(f"e{e}") // 2, y0 - 18), f"e{e}", fill=(0, 0, 0), font=font)
-    for r, (label, shares) in enumerate(zip(labels, stats.shares)):
-        y = y0 + r * CELL_H
-        draw.text((PAD, y + CELL_H // 2 - 7), label, fill=(0, 0, 0), font=font)
-        for e in range(cols):
-            box = (x0 + e * CELL_W, y, x0 + (e + 1) * CELL_W - 1, y + CELL_H - 1)
-            if e >= len(shares):
-                draw.rectangle(box, fill=(220, 220, 220))
-                continue
-            value = float(shares[e])
-            fill = colour_of(value / vmax)
-            draw.rectangle(box, fill=fill)
-            text = f"{100 * value:.1f}%"
-            ink = (0, 0, 0) if value / vmax > 0.55 else (255, 255, 255)
-            draw.text((box[0] + CELL_W // 2 - text_width(text) // 2, y + CELL_H // 2 - 7), text, fill=ink, font=font)
-    bar_w = width - 2 * PAD - 80
-    for i in range(bar_w):
-        draw.line([(PAD + i, legend_y), (PAD + i, legend_y + 10)], fill=colour_of(i / max(1, bar_w - 1)))
-    draw.text((PAD, legend_y + 13), "0%", fill=(0, 0, 0), font=font)
-    end = f"{100 * vmax:.0f}% (1/top-k)"
-    draw.text((PAD + bar_w - text_width(end), legend_y + 13), end, fill=(0, 0, 0), font=font)
-    if any(layer.router_only for layer in stats.layers):
-        draw.text((PAD, legend_y + 32), "* last CLIP layer: router only at inference", fill=(0, 0, 0), font=font)
-    grid = {"rows": rows, "cols": cols, "x0": x0, "y0": y0, "cell_w": CELL_W, "cell_h": CELL_H, "vmax": vmax}
-    info = PngInfo()
-    info.add_text("grid", json.dumps(grid))
-    info.add_text("stats", json.dumps(stats.to_dict()))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return grid

@@ -39,7 +39,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -333,7 +333,7 @@ def image_name(index: int) -> str:
     return f"images/{index:06d}.png"
 
 
-def _write_json(path: Path, data) -> None:
+def write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -386,11 +386,11 @@ def write_dataset(
                 questions.append({"id": f"{sample_id}-{turn}", "image": name, "question": question, "answer": answer, "type": kind})
         instruct.append({"id": sample_id, "image": name, "conversations": conversations})
         scenes.append({"id": sample_id, "image": name, **asdict(sample.scene)})
-    _write_json(out / "pretrain.json", pretrain)
-    _write_json(out / "captions.json", captions)
-    _write_json(out / "instruct.json", instruct)
-    _write_json(out / "questions.json", questions)
-    _write_json(out / "scenes.json", scenes)
+    write_json(out / "pretrain.json", pretrain)
+    write_json(out / "captions.json", captions)
+    write_json(out / "instruct.json", instruct)
+    write_json(out / "questions.json", questions)
+    write_json(out / "scenes.json", scenes)
     types = {kind: sum(q["type"] == kind for q in questions) for kind in QUESTION_TYPES}
     return {
         "images": count,
@@ -401,103 +401,3 @@ def write_dataset(
         "question_types": types,
         "seconds": time.perf_counter() - start,
     }
-
-
-# --- evaluation and vocabulary ---------------------------------------------------------------
-
-_DIGITS = {str(n): word for n, word in COUNT_WORDS.items()}
-
-
-def normalise_answer(text: str) -> str:
-    """Lowercase first word without punctuation; digits 1-3 become words ("3." -> "three")."""
-    words = text.strip().lower().replace("colour", "color").split()
-    word = words[0].strip(".,!?;:'\"") if words else ""
-    return _DIGITS.get(word, word)
-
-
-def is_correct(prediction: str, answer: str) -> bool:
-    return normalise_answer(prediction) == normalise_answer(answer)
-
-
-def accuracy_by_type(records: list[dict], predictions: list[str]) -> dict:
-    """{"overall": {...}, type: {"correct", "total", "accuracy"}} for questions.json records."""
-    table: dict = {}
-    for record, prediction in zip(records, predictions, strict=True):
-        for key in ("overall", record["type"]):
-            row = table.setdefault(key, {"correct": 0, "total": 0})
-            row["correct"] += is_correct(prediction, record["answer"])
-            row["total"] += 1
-    for row in table.values():
-        row["accuracy"] = row["correct"] / row["total"]
-    return table
-
-
-def vocabulary_texts() -> Iterator[str]:
-    """Every question, answer and caption form the dataset can produce (for the demo tokenizer)."""
-    yield "What shape is this?"
-    yield "How many shapes are there?"
-    yield "What is the largest shape?"
-    yield CAPTION_QUESTION
-    yield from ("yes", "no", *COUNT_WORDS.values(), *SHAPES, *COLOURS, "0 1 2 3 4 5 6 7 8 9")
-    for shape in SHAPES:
-        yield f"What colour is the {shape}?"
-        yield f"What color is the {shape}?"
-        for colour in COLOURS:
-            yield f"Is there {with_article(colour)} {shape}?"
-            yield f"{with_article(colour).capitalize()} {shape}."
-            yield f"{with_article(colour).capitalize()} {shape}, {with_article(colour)} {shape} and {with_article(colour)} {shape}."
-
-
-# --- bundled examples ------------------------------------------------------------------------
-
-EXAMPLES_SEED = 2024
-# file name -> (shape count, orientation, noisy background, the single shape), the first sample
-# of EXAMPLES_SEED that fits
-EXAMPLES = {
-    "shapes.png": (1, "landscape", False, "triangle"),
-    "two_shapes.png": (2, "portrait", False, None),
-    "three_shapes.png": (3, "landscape", False, None),
-    "noisy_star.png": (1, "portrait", True, "star"),
-}
-
-
-def example_questions(scene: Scene, image: str, seed: int) -> list[dict]:
-    """Every question type the scene allows (both a yes and a no one for `exists`), with answers."""
-    rng = np.random.default_rng(seed)
-    records, wanted = [], {"yes", "no"}
-    for kind in available_types(scene):
-        for _ in range(20):
-            question, answer = ask(scene, kind, rng)
-            if kind != "exists" or answer in wanted:
-                records.append({"image": image, "question": question, "answer": answer, "type": kind})
-                wanted.discard(answer)
-                if kind != "exists" or not wanted:
-                    break
-    return records
-
-
-def write_examples(folder: Path) -> list[dict]:
-    """The bundled example images (small PNGs) and `examples.json` with their questions."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    records, index = [], 0
-    for name, (count, orientation, noise, shape) in EXAMPLES.items():
-        while True:
-            sample = make_sample(EXAMPLES_SEED, index)
-            index += 1
-            scene = sample.scene
-            landscape = scene.width >= 1.3 * scene.height
-            portrait = scene.height >= 1.3 * scene.width
-            if (
-                len(scene.shapes) == count
-                and (landscape if orientation == "landscape" else portrait)
-                and scene.noise == noise
-                and max(scene.width, scene.height) <= 320
-                and (count == 1 or scene.largest() is not None)
-                and (shape is None or scene.shapes[0].shape == shape)
-            ):
-                break
-        sample.image.save(folder / name, optimize=True)
-        records += example_questions(scene, name, index)
-    _write_json(folder / "examples.json", records)
-    return records

@@ -6,6 +6,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Subprocess tests run `cumo-mlx` as a user would, also when the venv is not activated (as in CI).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+# The demo recipe's modules (demo_recipe/ beside the package) for the tests of the shipped demo and the recipe.
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "demo_recipe"
+sys.path.insert(0, str(DEMO_RECIPE))
 
 import pytest  # noqa: E402
 

@@ -1,12 +1,10 @@
 """`cumo-mlx chat` and `ChatSession`: one KV cache across turns, on a tiny model."""
 
+import cumo_mlx
 import mlx.core as mx
 import pytest
-
-import cumo_mlx
-from cumo_mlx.generate import ChatSession, expand_image_ids
-from cumo_mlx.processor import IMAGE_TOKEN_INDEX
-from cumo_mlx.templates import chat_prompt, user_turn
+from cumo_mlx.generate import ChatSession
+from cumo_mlx.prompt import IMAGE_TOKEN_INDEX, chat_prompt, image_layout, user_turn
 from test_generate import QUESTION, greedy, images, loaded, model_dir, run_cli  # noqa: F401  (fixtures)
 
 SECOND = "What colour is the circle?"
@@ -48,7 +46,7 @@ def test_second_turn_continues_the_first_in_the_cache(loaded, images):
     second_prompt = first_prompt + first_answer + [eos] + new
     assert new[-4:] == processor.tokenize(" [/INST]")[-4:] and IMAGE_TOKEN_INDEX not in new
     assert session.ids == second_prompt + second_answer
-    assert cache_lengths(session) == {expand_image_ids(session.ids, rows).size} == {session.length}
+    assert cache_lengths(session) == {image_layout(session.ids, rows)[0].size} == {session.length}
     # What the kept cache gives equals prefilling the whole conversation afresh.
     assert second_answer == fresh_answer(loaded, second_prompt, features, max_tokens=8)
     assert text == processor.decode(second_answer)
@@ -77,7 +75,7 @@ def test_images_added_between_turns(loaded, images):
     features = mx.concatenate(session.pending)
     tokens, _ = answer(session, "Compare <image> with <image>.", max_tokens=6)
     assert session.ids.count(IMAGE_TOKEN_INDEX) == 2 and not session.pending
-    assert cache_lengths(session) == {expand_image_ids(session.ids, features.shape[1]).size}
+    assert cache_lengths(session) == {image_layout(session.ids, features.shape[1])[0].size}
     assert tokens == fresh_answer(loaded, session.ids[:-6], features, max_tokens=6)
 
 

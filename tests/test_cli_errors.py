@@ -31,12 +31,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from cumo_mlx.cli.main import COMMANDS
+from cumo_mlx.cli.main import main as cli_main
 from PIL import Image
 from tiny_data import instruct_samples, write_dataset, write_images
 from tiny_models import tiny_config, write_mlx_model
-
-from cumo_mlx.cli.main import COMMANDS
-from cumo_mlx.cli.main import main as cli_main
 
 TRAIN = ["--iters", "1", "--batch-size", "2", "--lora-rank", "2", "--no-progress"]
 BASE = {
@@ -48,8 +47,10 @@ BASE = {
     "experts": ["experts", "--model", "{model}", "--data", "{data}", "--image-folder", "{images}", "--no-progress"],
     "convert": ["convert", "--hf-path", "{src}", "--mlx-path", "{tmp}/out", "--no-progress"],
     "data shapes": ["data", "shapes", "--out", "{tmp}/out", "--count", "2", "--no-progress"],
+    "serve": ["serve", "--model", "{model}", "--port", "0"],
+    "eval": ["eval", "--task", "shapes", "--data-dir", "{tmp}/eval", "--model", "{model}", "--output", "{tmp}/out/a.jsonl"],
 }  # fmt: skip
-MODEL_FLAG = {"upcycle": "--model", "fuse": "--model", "generate": "--model", "chat": "--model", "train": "--model", "experts": "--model"}
+MODEL_FLAG = {"upcycle": "--model", "fuse": "--model", "generate": "--model", "chat": "--model", "train": "--model", "experts": "--model", "serve": "--model"}
 
 
 @dataclass
@@ -82,8 +83,8 @@ def rows(commands, case, fragment, **kwargs):
         ROWS.append(Row(command.strip(), case, fragment, **kwargs))
 
 
-ALL = "generate, chat, train, upcycle, fuse, experts, convert, data shapes"
-MODELS = "generate, chat, train, upcycle, fuse, experts"
+ALL = "generate, chat, train, upcycle, fuse, experts, convert, data shapes, serve, eval"
+MODELS = "generate, chat, train, upcycle, fuse, experts, serve"
 
 # -- usage: click's errors in the one style ----------------------------------------------------
 rows(ALL, "unknown option", "No such option '--frobnicate'", add=["--frobnicate"])
@@ -104,6 +105,16 @@ for command, flag in {"train": "--stage", "convert": "--dtype", "experts": "--te
 rows("convert", "--q-bits not a choice", "is not one of", set={"--q-bits": "5"})
 rows("convert", "--q-group-size not a choice", "is not one of", set={"--q-group-size": "48"})
 rows("train", "--fine-tune-type not a choice", "is not one of", set={"--fine-tune-type": "dora"})
+rows("serve", "--port without its value", "requires an argument", add=["--port"])
+rows("serve", "--port out of range", "is not in the range", set={"--port": "70000"})
+rows("serve", "--max-queue zero", "is not in the range", set={"--max-queue": "0"})
+rows("serve", "--allow-local-files missing", "does not exist", set={"--allow-local-files": "{tmp}/nowhere"})
+rows("serve", "--api-key empty", "the API key is empty", set={"--api-key": ""})
+rows("serve", "--host of no interface here", "cannot listen on", set={"--host": "192.0.2.1"})
+rows("eval", "--limit zero", "is not in the range", set={"--limit": "0"})
+rows("eval", "--task not a choice", "is not one of", set={"--task": "bogus"})
+rows("eval", "--answers with --model", "--answers scores an existing file", add=["--answers", "{tmp}/a.jsonl"])
+rows("eval", "--data-dir missing", "does not exist")  # the rest: tests/eval/test_cli.py
 
 # -- model directories broken every way ---------------------------------------------------------
 MODEL_CASES = {

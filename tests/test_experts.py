@@ -10,7 +10,8 @@ from PIL import Image
 from tiny_models import tiny_config, write_mlx_model
 
 import cumo_mlx
-from cumo_mlx.routes import colour_of, count_routes, moe_layers
+from cumo_mlx.plots import colour_of
+from cumo_mlx.routes import count_routes, moe_layers
 from cumo_mlx.shapes import write_dataset
 
 NUM_IMAGES = 6

@@ -26,24 +26,29 @@ import pickle
 import struct
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
+import cumo_mlx
 import numpy as np
 import pytest
 import torch
+from cumo_mlx.convert import checkpoint
+from cumo_mlx.convert.unpickler import load_torch_zip
+from cumo_mlx.errors import CuMoError
+from cumo_mlx.models.config import ModelArgs, load_config
+from cumo_mlx.processor import load_image
+from cumo_mlx.train.data import (
+    BadSample,
+    build_prompt,
+    check_sample,
+    read_records,
+    tokenize_with_labels,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_security import rewrite_torch_zip
 from tiny_models import tiny_config
-
-import cumo_mlx
-from cumo_mlx.config import ModelArgs, load_config
-from cumo_mlx.convert import checkpoint
-from cumo_mlx.convert.unpickler import load_torch_zip
-from cumo_mlx.data import BadSample, build_prompt, check_sample, read_records, tokenize_with_labels
-from cumo_mlx.errors import CuMoError
-from cumo_mlx.processor import load_image
 
 # torch and PIL warn about what a damaged file claims; what matters is the error (or image) that follows.
 pytestmark = [
@@ -289,10 +294,7 @@ picklable = st.recursive(
 def test_any_pickled_data_in_a_torch_archive(value, protocol):
     buffer = io.BytesIO()
     torch.save({"w": torch.ones(2)}, buffer)
-    path = SCRATCH / "model.bin"
-    with zipfile.ZipFile(buffer) as good, zipfile.ZipFile(path, "w") as archive:
-        for info in good.infolist():
-            archive.writestr(info, pickle.dumps(value, protocol=protocol) if info.filename.endswith("data.pkl") else good.read(info))
+    path = rewrite_torch_zip(buffer, SCRATCH / "model.bin", "data.pkl", lambda _: pickle.dumps(value, protocol=protocol))
     assert ours_or_success(lambda: load_torch_zip(path)) in (None, {})  # no tensors in there: refused, or empty
 
 STATE = {
@@ -319,15 +321,14 @@ def damaged_checkpoints(draw):
     if where == "cut":
         return bytes(raw[: draw(st.integers(0, len(raw) - 1))])
     if where == "pickle":  # keep the archive valid, damage only data.pkl
-        with zipfile.ZipFile(io.BytesIO(TORCH_ZIP)) as good:
-            pkl = bytearray(good.read(next(n for n in good.namelist() if n.endswith("data.pkl"))))
+
+        def damage(pkl: bytes) -> bytes:
+            pkl = bytearray(pkl)
             for _ in range(draw(st.integers(1, 4))):
                 pkl[draw(st.integers(0, len(pkl) - 1))] = draw(st.integers(0, 255))
-            out = io.BytesIO()
-            with zipfile.ZipFile(out, "w") as archive:
-                for info in good.infolist():
-                    archive.writestr(info, bytes(pkl) if info.filename.endswith("data.pkl") else good.read(info))
-        return out.getvalue()
+            return bytes(pkl)
+
+        return rewrite_torch_zip(io.BytesIO(TORCH_ZIP), io.BytesIO(), "data.pkl", damage).getvalue()
     for _ in range(draw(st.integers(1, 8))):
         raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
     return bytes(raw)

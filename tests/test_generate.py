@@ -1,5 +1,6 @@
 """`cumo-mlx generate` and the Python API `cumo_mlx.generate` / `cumo_mlx.stream_generate`, on tiny models."""
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -13,19 +14,18 @@ import sys
 import zlib
 from pathlib import Path
 
+import cumo_mlx
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from cumo_mlx.cli.main import main
+from cumo_mlx.errors import CuMoError
+from cumo_mlx.loader import save
+from cumo_mlx.prompt import IMAGE_TOKEN_INDEX, chat_prompt
 from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 from PIL import Image
-
-import cumo_mlx
-from cumo_mlx.cli.main import main
-from cumo_mlx.loader import save
-from cumo_mlx.processor import IMAGE_TOKEN_INDEX
-from cumo_mlx.templates import chat_prompt
 from tiny_models import tiny_config, write_mlx_model
 
 QUESTION = "What shape is this?"
@@ -237,6 +237,69 @@ def test_quantized_model(model_dir, tmp_path, images):
     assert result["tokens"] == tokens and len(tokens) == 12
 
 
+def test_options_as_one_object_or_as_keywords(loaded, images):
+    GenerationOptions = generation.GenerationOptions
+    expected = cumo_mlx.generate(*loaded, QUESTION, images[0], **greedy(max_tokens=7))
+    assert expected == cumo_mlx.generate(*loaded, QUESTION, images[0], options=GenerationOptions(temp=0.0, max_tokens=7))
+    options = GenerationOptions(temp=0.0, max_tokens=99)
+    assert expected == cumo_mlx.generate(*loaded, QUESTION, images[0], options=options, max_tokens=7)  # keywords win
+    session = cumo_mlx.ChatSession(*loaded)
+    session.add_image(images[0])
+    assert expected == "".join(r.text for r in session.stream(QUESTION, options=GenerationOptions(temp=0.0, max_tokens=7)))
+    with pytest.raises(CuMoError, match=r"top_p must be in \(0, 1\]"):
+        GenerationOptions(top_p=0)
+    with pytest.raises(CuMoError, match="top_k must be >= 0"):
+        GenerationOptions.of(options, top_k=-1)
+    with pytest.raises(TypeError):
+        cumo_mlx.generate(*loaded, QUESTION, frobnicate=1)
+
+
+def test_cli_flags_are_the_generation_options():
+    """The flags (mlx-lm's names) have GenerationOptions' defaults, written out for a fast --help."""
+    from cumo_mlx.cli.chat import chat
+    from cumo_mlx.cli.generate import generate as generate_command
+
+    defaults = {field.name: field.default for field in dataclasses.fields(generation.GenerationOptions)}
+    del defaults["logit_bias"]  # Python only, as in mlx-lm
+    for command in (generate_command, chat):
+        assert {p.name: p.default for p in command.params if p.name in defaults} == defaults
+
+
+def test_one_placeholder_check_and_one_layout_per_call(model_dir, loaded, images, monkeypatch):
+    """Whatever the entry point, a call checks the placeholders once and lays out the images once."""
+    from cumo_mlx import prompt
+    from cumo_mlx.models import model as model_module
+
+    calls = []
+
+    def counted(name, function):
+        return lambda *args, **kwargs: calls.append(name) or function(*args, **kwargs)
+
+    check, layout = counted("check", prompt.check_placeholders), counted("layout", prompt.image_layout)
+    for module in (prompt, generation):
+        monkeypatch.setattr(module, "check_placeholders", check)
+    for module in (generation, model_module):
+        monkeypatch.setattr(module, "image_layout", layout)
+    question = "Compare <image> with <image>."
+    session = cumo_mlx.ChatSession(*loaded)
+
+    def chat_turn():
+        for image in images:
+            session.add_image(image)
+        return list(session.stream(question, max_tokens=2))
+
+    for call in (
+        lambda: run_cli("generate", "--model", model_dir, "--image", images[0], "--image", images[1], "--prompt", question,
+                        "--max-tokens", 2)[0] == 0 or pytest.fail("the CLI failed"),
+        lambda: cumo_mlx.generate(*loaded, question, images, max_tokens=2),
+        lambda: cumo_mlx.generate(*loaded, loaded[1].tokenize(chat_prompt([question])), images, max_tokens=2),
+        chat_turn,
+    ):  # fmt: skip
+        calls.clear()
+        call()
+        assert sorted(calls) == ["check", "layout"]
+
+
 def huge_png(width: int, height: int) -> bytes:
     """A small PNG file whose header claims width x height pixels (a decompression bomb's shape)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -286,6 +349,7 @@ BAD_INPUTS = {
     "more images than slots": (["--image", "{img}", "--image", "{img}", "--prompt", "<image> What?"], "1 <image>"),
     "more slots than images": (["--image", "{img}", "--prompt", "<image> or <image>?"], "2 <image>"),
     "slot without image": (["--prompt", "<image> What?"], "but 0 image"),
+    "slot in the system text": (["--image", "{img}", "--system", "See <image>."], "the system text holds <image>"),
     "zero max tokens": (["--max-tokens", 0], "max_tokens"),
     "negative max tokens": (["--max-tokens", -5], "max_tokens"),
     "negative temp": (["--temp", -0.1], "temp"),

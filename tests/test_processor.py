@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cumo_mlx.errors import CuMoError, ImageError
+from cumo_mlx.models.config import CLIP_MEAN, CLIP_STD, ModelArgs, VisionConfig
+from cumo_mlx.processor import Processor, load_image
 from PIL import Image, ImageOps
+from tiny_models import TINY_VISION, tiny_config
 from transformers.image_utils import PILImageResampling
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-from cumo_mlx.config import CLIP_MEAN, CLIP_STD, ModelArgs, VisionConfig
-from cumo_mlx.errors import CuMoError, ImageError
-from cumo_mlx.processor import Processor, load_image
-from tiny_models import TINY_VISION, tiny_config
 
 TOL = 1e-4
 SIZES = [  # (width, height): 1x1, tiny, 1:2 .. 2:1, odd sizes, large

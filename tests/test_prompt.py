@@ -1,4 +1,5 @@
-"""Prompt construction: the templates' exact strings (reference §6), and the prompt ids.
+"""Prompt construction: the templates' exact strings (the original's: SHI-Labs/CuMo, cumo/conversation.py),
+and the prompt ids.
 
 The ids are checked against a re-implementation, written here, of what the original does: LLaVA's
 `tokenizer_image_token` (split at `<image>`, tokenize every chunk with BOS, keep the first BOS
@@ -17,15 +18,21 @@ import sys
 import warnings
 from pathlib import Path
 
+import cumo_mlx
 import pytest
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
-from transformers import AutoTokenizer
-
-import cumo_mlx
 from cumo_mlx.errors import CuMoError
-from cumo_mlx.templates import DEFAULT_SYSTEM, chat_prompt, plain_prompt, user_turn, with_image_placeholders
+from cumo_mlx.prompt import (
+    DEFAULT_SYSTEM,
+    chat_prompt,
+    check_placeholders,
+    plain_prompt,
+    user_turn,
+    with_image_placeholders,
+)
+from sentencepiece import sentencepiece_model_pb2
 from tiny_models import tiny_config, write_mlx_model, write_tokenizer
+from transformers import AutoTokenizer
 
 IMAGE = -200
 SYSTEM_BLOCK = f"<<SYS>>\n{DEFAULT_SYSTEM}\n<</SYS>>\n\n"
@@ -96,6 +103,13 @@ def test_with_image_placeholders():
 def test_placeholder_mismatch(text, images):
     with pytest.raises(CuMoError, match=f"{text.count('<image>')} <image> placeholder.*{images} image"):
         with_image_placeholders(text, images)
+
+
+def test_placeholder_check_on_prompt_ids():
+    check_placeholders([1, IMAGE, 5, IMAGE], 2)
+    check_placeholders([1, 5], 0)
+    with pytest.raises(CuMoError, match=r"1 image placeholder\(s\) but 0 image"):
+        check_placeholders([1, IMAGE, 5], 0)
 
 
 # ---------------------------------------------------------------- the original's ids, re-implemented

@@ -1,8 +1,8 @@
 """Security: no pickle or model code ever runs, files are read and written only where the user said,
 image URLs are fenced (http(s) only, a size limit, one timeout for the whole download).
 
-Malicious files run `touch MARKER` (os.system) or write MARKER (exec) when they are unpickled or
-imported; every test checks MARKER never appears. What a test plants and where:
+Malicious files run `touch MARKER` (os.system) or write MARKER (exec, open) when they are unpickled
+or imported; every test checks MARKER never appears. What a test plants and where:
 - pickles (zip and raw, torch's loader and ours) as every weight file name the converter reads
   (*.bin, *.pt, *.pth, a shard of an index), the ones it must skip (training artefacts, .bin beside
   safetensors), a hub snapshot loaded by id, and beside the files the other commands read (model
@@ -30,23 +30,22 @@ import tracemalloc
 import zipfile
 from pathlib import Path
 
+import cumo_mlx
 import pytest
 import torch
 from cli_util import assert_one_error_line, run_cli
 from click.testing import CliRunner
+from cumo_mlx import hub, processor
+from cumo_mlx.cli.main import main as cli_main
+from cumo_mlx.convert import checkpoint
+from cumo_mlx.errors import CheckpointError, ImageError
+from cumo_mlx.train.data import BadSample, check_sample
+from cumo_mlx.train.trainer import TrainConfig, Trainer
 from PIL import Image
 from safetensors.torch import save_file
 from tiny_data import instruct_samples, write_dataset, write_images
 from tiny_models import tiny_config, write_mlx_model
 from torch_reference import build_reference, original_state_dict
-
-import cumo_mlx
-from cumo_mlx import hub, processor
-from cumo_mlx.cli.main import main as cli_main
-from cumo_mlx.convert import checkpoint
-from cumo_mlx.data import BadSample, check_sample
-from cumo_mlx.errors import CheckpointError, ImageError
-from cumo_mlx.trainer import TrainConfig, Trainer
 
 CONVERSATION = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
 
@@ -79,7 +78,7 @@ def original_checkpoint(directory: Path, original_state, tokenizer_dir: Path, fm
 
 
 class Payload:
-    """Unpickling this runs code: `touch MARKER` through os.system, or a write through exec."""
+    """Unpickling this runs code: `touch MARKER` through os.system, or a write through exec or open."""
 
     def __init__(self, marker: Path, how: str):
         self.marker, self.how = marker, how
@@ -87,7 +86,22 @@ class Payload:
     def __reduce__(self):
         if self.how == "system":
             return (os.system, (f"touch {self.marker}",))
+        if self.how == "open":
+            return (open, (str(self.marker), "w"))
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def rewrite_torch_zip(archive, out, member: str, change, compress_type=None):
+    """Copy the torch zip `archive` to `out` (paths or file objects) with the member whose name ends
+    in `member` changed to change(its bytes), stored with `compress_type` if given; `out`."""
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(out, "w") as copy:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith(member):
+                copy.writestr(info, change(data), compress_type=compress_type)
+            else:
+                copy.writestr(info, data)
+    return out
 
 
 def evil_pickle(path: Path, marker: Path, how: str = "system", container: str = "zip") -> Path:
@@ -98,10 +112,7 @@ def evil_pickle(path: Path, marker: Path, how: str = "system", container: str = 
         return path
     buffer = io.BytesIO()
     torch.save({"model.norm.weight": torch.ones(64)}, buffer)
-    with zipfile.ZipFile(buffer) as good, zipfile.ZipFile(path, "w") as evil:
-        for info in good.infolist():
-            evil.writestr(info, payload if info.filename.endswith("data.pkl") else good.read(info))
-    return path
+    return rewrite_torch_zip(buffer, path, "data.pkl", lambda _: payload)
 
 
 @pytest.fixture
@@ -207,7 +218,9 @@ def test_commands_that_read_models_checkpoints_or_adapters_never_read_pickles(tm
     data = write_dataset(tmp_path, instruct_samples(images))
     settings = dict(model=str(model), data=str(data), image_folder=str(tmp_path / "images"), output=str(tmp_path / "out"),
                     iters=3, batch_size=2, lora_rank=2, save_every=1, progress=False)  # fmt: skip
-    Trainer(TrainConfig(**settings)).run(stop_after=2)
+    for record in Trainer(TrainConfig(**settings)).steps():  # stopped as if killed after step 2
+        if record["step"] == 2:
+            break
     for checkpoint in (tmp_path / "out" / "checkpoints").iterdir():
         for name in ("trainable.bin", "optimizer.pt", "rng_state.pth"):
             evil_pickle(checkpoint / name, marker)
@@ -574,14 +587,9 @@ def test_a_compressed_storage_is_read_no_further_than_it_is_declared(tmp_path, m
     """A deflated member that inflates to far more than its tensor needs (a zip bomb) is not inflated."""
     good = io.BytesIO()
     torch.save({"w": torch.arange(4.0)}, good)
-    path = tmp_path / "pytorch_model.bin"
-    with zipfile.ZipFile(good) as source, zipfile.ZipFile(path, "w") as bomb:
-        for info in source.infolist():
-            data = source.read(info)
-            if info.filename.endswith("data/0"):
-                bomb.writestr(info.filename, data + b"\0" * (200 << 20), compress_type=zipfile.ZIP_DEFLATED)
-            else:
-                bomb.writestr(info, data)
+    path = rewrite_torch_zip(
+        good, tmp_path / "pytorch_model.bin", "data/0", lambda data: data + b"\0" * (200 << 20), zipfile.ZIP_DEFLATED
+    )
     assert path.stat().st_size < 1 << 20
     monkeypatch.setitem(sys.modules, "torch", None)
     tracemalloc.start()

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_util import assert_one_error_line, run_cli
-from PIL import Image
-
 from cumo_mlx import shapes
-from cumo_mlx.data import check_sample
 from cumo_mlx.shapes import COLOURS, COUNT_WORDS, SHAPES, make_sample, write_dataset
+from cumo_mlx.train.data import check_sample
+from PIL import Image
 
 FILES = ("pretrain.json", "captions.json", "instruct.json", "questions.json", "scenes.json")
 
@@ -244,18 +243,6 @@ def test_follow_up_turns_are_of_the_chosen_types():
     assert [s.turns[0] for s in samples] == [make_sample(9, index, 1.0, 6).turns[0] for index in range(40)]
 
 
-def test_scoring_by_type():
-    records = [
-        {"type": "count", "answer": "three"},
-        {"type": "count", "answer": "two"},
-        {"type": "shape", "answer": "star"},
-    ]
-    table = shapes.accuracy_by_type(records, ["3", "Two.", " circle"])
-    assert table["count"] == {"correct": 2, "total": 2, "accuracy": 1.0}
-    assert table["shape"]["accuracy"] == 0.0
-    assert table["overall"]["correct"] == 2 and table["overall"]["total"] == 3
-
-
 def test_generation_is_fast(tmp_path):
     start = time.perf_counter()
     write_dataset(tmp_path, 100, seed=0, progress=False)
@@ -305,17 +292,6 @@ def test_cli_bad_arguments(tmp_path, args):
     code, out, err = run_cli("data", "shapes", *[a.format(tmp=tmp_path) for a in args])
     assert_one_error_line(code, err)
     assert not (tmp_path / "x").exists()
-
-
-def test_bundled_examples_are_reproducible(tmp_path):
-    bundled = Path(__file__).resolve().parent.parent / "examples"
-    records = shapes.write_examples(tmp_path)
-    assert json.loads((bundled / "examples.json").read_text()) == records
-    for name in shapes.EXAMPLES:
-        assert np.array_equal(np.asarray(Image.open(bundled / name)), np.asarray(Image.open(tmp_path / name))), name
-        assert (bundled / name).stat().st_size < 32 * 1024
-    assert {r["answer"] for r in records if r["image"] == "shapes.png" and r["type"] == "shape"} == {"triangle"}
-    assert {r["type"] for r in records} == set(shapes.QUESTION_TYPES)
 
 
 @pytest.mark.parametrize("args", [["data"], ["data", "nope"]])

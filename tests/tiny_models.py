@@ -120,10 +120,9 @@ def write_tokenizer(directory: Path, legacy: bool = False, vocab_size: int = 400
 def write_mlx_model(directory: Path, config: dict, seed: int = 0) -> Path:
     """A randomly initialised CuMo in MLX layout (float32), with a tokenizer."""
     import mlx.core as mx
-
-    from cumo_mlx.config import ModelArgs
     from cumo_mlx.loader import save
-    from cumo_mlx.model import Model
+    from cumo_mlx.models.config import ModelArgs
+    from cumo_mlx.models.model import Model
 
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))

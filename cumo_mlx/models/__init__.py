@@ -1,0 +1,1 @@
+"""The CuMo model: config, CLIP(-MoE) vision tower with S2, connector, Mistral / Mixtral LLM."""

@@ -1,0 +1,1 @@
+"""Training CuMo: the three stages, their data, losses, LoRA, upcycling and checkpoints."""
