@@ -2,21 +2,23 @@
 time to first token.
 
     python benchmarks/batch_generate.py [--quick] [--json] [--repeats 1] [--batches 1,2,4,8,16]
-        [--tokens 16] [--prompt 32] [--quantized-prompt 8] [--vision-layers 2] [--parts throughput,ttft]
+        [--tokens 8] [--prompt 16] [--quantized-batches 1,2,4,8] [--quantized-tokens 4]
+        [--quantized-prompt 4] [--vision-layers 24] [--parts throughput,ttft]
 
 throughput  Generated tokens/s of greedy answers to B text prompts (B = --batches) on (a) the demo
             (its questions), (b) Mistral-7B widths with 2 layers, float32 and 4-bit (quantized as
             `cumo-mlx convert -q` does), (c) Mixtral-8x7B widths with 1 layer, float32 (random
-            weights and prompt ids, --prompt tokens; --quantized-prompt at 4-bit, whose prefill has
-            no fast CPU kernel). Three ways, timed in interleaved rounds: ours
+            weights and prompt ids of --prompt tokens). Three ways, timed in interleaved rounds: ours
             (`cumo_mlx.batch_generate`, B at once), single runs one after another
             (`cumo_mlx.generate`; its tokens/s does not depend on B, so 2 runs measure it), and
             mlx-lm's `batch_generate` driving the very same language model module (same weights).
             Figures: generated tokens over the whole call ("tok/s", prefill included) and over the
-            call less its prompt processing ("decode tok/s", mlx-lm's own definition).
+            call less its prompt processing ("decode tok/s", mlx-lm's own definition). MLX's CPU
+            quantized matmul costs the same per row whatever the batch (no fast kernel, ~7 GFLOP/s):
+            4-bit runs take --quantized-batches, --quantized-tokens and --quantized-prompt there.
 ttft        Time to the first token of an image question at CuMo-7B's vision widths (CLIP-L/14-336,
-            CLIP-MoE and MoE connector, S2 [1, 3]: 10 crops; --vision-layers of its 24 layers, the
-            last unused as in CuMo) with a Mistral-7B-width LLM of 2 layers, through `BatchEngine`:
+            CLIP-MoE and MoE connector, S2 [1, 3]: 10 crops; --vision-layers layers, the last unused
+            as in CuMo) with a Mistral-7B-width LLM of 2 layers, float32, through `BatchEngine`:
             an image first seen; seen before (a vision cache hit); seen before in a conversation
             prefix the prompt cache holds (a new question after the same system text and image).
 """
@@ -119,11 +121,13 @@ def throughput_cases(model: Model, processor: Processor, prompts: list, tokens: 
     return cases, answers
 
 
-def measure_throughput(model, processor, prompts, args) -> dict:
-    cases, answers = throughput_cases(model, processor, prompts, args.tokens, args.batches)
-    figures = harness.run_cases(cases, args.repeats, args.budget)
-    largest = max(args.batches)
-    figures["prompt_tokens"] = len(prompts[0])
+def measure_throughput(model, processor, prompts, args, quantized: bool = False, min_seconds: float = 0.0) -> dict:
+    batches = args.quantized_batches if quantized else args.batches
+    tokens = args.quantized_tokens if quantized else args.tokens
+    cases, answers = throughput_cases(model, processor, prompts, tokens, batches)
+    figures = harness.run_cases(cases, args.repeats, args.budget, min_seconds)
+    largest = max(batches)
+    figures.update(prompt_tokens=len(prompts[0]), tokens=tokens, batches=batches)
     # Greedy answers: ours in the largest batch against single runs, and against mlx-lm's.
     figures["matches_single"] = answers[f"ours {largest}"][:2] == answers["single"]
     figures["matches_mlx_lm"] = answers[f"ours {largest}"] == answers[f"mlx-lm {largest}"]
@@ -135,7 +139,8 @@ def throughput_part(args) -> dict:
     model, processor = load("demo")
     questions = (DEMO_QUESTIONS * 3)[: max(args.batches)]
     prompts = [processor.tokenize(chat_prompt([q])) for q in questions]
-    results["demo"] = measure_throughput(model, processor, prompts, args)
+    # The demo's runs take milliseconds: rounds for 20 s give a stable median.
+    results["demo"] = measure_throughput(model, processor, prompts, args, min_seconds=0 if args.quick else 20)
     del model
     llm = harness.QUICK_MISTRAL if args.quick else harness.MISTRAL_7B
     vocab = 1000 if args.quick else 32000
@@ -149,8 +154,8 @@ def throughput_part(args) -> dict:
         results[f"{name} float32"] = measure_throughput(model, processor, prompts, args)
         if name.startswith("mistral"):
             quantization_plan(model, 4, 64, quantize_vision=False)
-            prompts = random_prompts(max(args.batches), args.quantized_prompt, vocab)
-            results[f"{name} 4-bit"] = measure_throughput(model, processor, prompts, args)
+            prompts = random_prompts(max(args.quantized_batches), args.quantized_prompt, vocab)
+            results[f"{name} 4-bit"] = measure_throughput(model, processor, prompts, args, quantized=True)
         del model
     return results
 
@@ -160,14 +165,16 @@ def throughput_part(args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def first_token_seconds(engine: BatchEngine, ids: list[int], image) -> float:
-    """Seconds from submitting an image question to its first token (the engine driven here)."""
+def first_token(engine: BatchEngine, ids: list[int], image) -> dict:
+    """Seconds from submitting an image question to its first token (the engine driven here), and
+    the seconds of it spent on the image (reading, preprocessing, vision tower and connector)."""
+    image_time = engine.stats.image_time
     tic = time.perf_counter()
     stream = engine.submit(ids, image, temp=0.0, max_tokens=1)
     while engine.step():
         pass
     assert stream.get().finish_reason == "length"
-    return time.perf_counter() - tic
+    return {"seconds": time.perf_counter() - tic, "image_seconds": engine.stats.image_time - image_time}
 
 
 def ttft_part(args) -> dict:
@@ -185,19 +192,19 @@ def ttft_part(args) -> dict:
     seen = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
     warm = VisionCache()
     kept = BatchEngine(model, processor, vision_cache=warm)  # its prompt cache keeps the conversations
-    first_token_seconds(kept, before + next(questions), seen)
+    first_token(kept, before + next(questions), seen)
 
     def first_seen():
         image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
         engine = BatchEngine(model, processor, vision_cache=VisionCache(), prompt_cache_bytes=0)
-        return {"seconds": first_token_seconds(engine, before + next(questions), image)}
+        return first_token(engine, before + next(questions), image)
 
     def vision_hit():
         engine = BatchEngine(model, processor, vision_cache=warm, prompt_cache_bytes=0)
-        return {"seconds": first_token_seconds(engine, before + next(questions), seen)}
+        return first_token(engine, before + next(questions), seen)
 
     def vision_and_prompt_hit():
-        return {"seconds": first_token_seconds(kept, before + next(questions), seen)}
+        return first_token(kept, before + next(questions), seen)
 
     cases = {"first seen": first_seen, "seen (vision cache)": vision_hit,
              "seen (vision + prompt cache)": vision_and_prompt_hit}  # fmt: skip
@@ -217,43 +224,64 @@ def throughput_report(results: dict, args) -> str:
     rows = []
     for model_name, figures in results.items():
         single = figures["single runs"]["tps"]
-        for batch in args.batches:
+        for batch in figures["batches"]:
             ours, theirs = figures[f"ours {batch}"], figures[f"mlx-lm {batch}"]
-            rows.append([model_name if batch == args.batches[0] else "", batch, ours["tps"], ours["decode_tps"],
+            label = f"{model_name} ({figures['prompt_tokens']}+{figures['tokens']})"
+            rows.append([label if batch == figures["batches"][0] else "", batch, ours["tps"], ours["decode_tps"],
                          theirs["tps"], theirs["decode_tps"], single, ours["tps"] / single,
                          ours["decode_tps"] / theirs["decode_tps"]])  # fmt: skip
         rows.append(["", "answers", f"= single: {figures['matches_single']}", f"= mlx-lm: {figures['matches_mlx_lm']}",
                      "", "", "", "", ""])  # fmt: skip
     headers = ["model", "batch", "ours tok/s", "ours decode", "mlx-lm tok/s", "mlx-lm decode", "single runs tok/s",
                "ours / single", "decode ours / mlx-lm"]  # fmt: skip
-    title = (f"Generated tokens/s, greedy, {args.tokens} tokens per prompt ({args.prompt}-token prompts, "
-             f"{args.quantized_prompt} at 4-bit; the demo's questions)")  # fmt: skip
+    title = "Generated tokens/s, greedy (model (prompt tokens + tokens generated per prompt); the demo: its questions)"
     return title + "\n" + harness.table(headers, rows)
 
 
 def ttft_report(figures: dict) -> str:
-    rows = [[name, figures[name]["seconds"], figures[name]["speedup"], figures[name]["runs"]]
-            for name in ("first seen", "seen (vision cache)", "seen (vision + prompt cache)")]  # fmt: skip
+    cases = ("first seen", "seen (vision cache)", "seen (vision + prompt cache)")
+    rows = [[name, *(figures[name][k] for k in ("seconds", "image_seconds", "speedup", "runs"))] for name in cases]
     title = (f"Time to first token of an image question ({figures['positions']} positions) at CuMo-7B vision "
-             f"widths ({figures['vision_layers_run']} CLIP layer(s) run), Mistral-7B widths 2 layers")  # fmt: skip
-    return title + "\n" + harness.table(["image", "seconds", "speedup", "runs"], rows)
+             f"widths ({figures['vision_layers_run']} CLIP layers run), Mistral-7B widths 2 layers")  # fmt: skip
+    return title + "\n" + harness.table(["image", "seconds", "of it image s", "speedup", "runs"], rows)
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets: batch 8 over batch 1 (4-bit Mistral-7B widths), ours over mlx-lm, the
+    vision cache's cut of the time to first token."""
+    found = {}
+    for name, figures in result.get("throughput", {}).items():
+        if "ours 8" in figures:
+            ours, one, theirs = figures["ours 8"], figures["ours 1"], figures["mlx-lm 8"]
+            found[f"{name}: decode tok/s batch 8 / batch 1"] = ours["decode_tps"] / one["decode_tps"]
+            found[f"{name}: tok/s ours / mlx-lm, batch 8"] = ours["tps"] / theirs["tps"]
+    if "ttft" in result:
+        for case in ("seen (vision cache)", "seen (vision + prompt cache)"):
+            found[f"time to first token, first seen / {case}"] = result["ttft"][case]["speedup"]
+    return found
 
 
 def main():
     p = harness.parser(__doc__.split("\n")[0], repeats=1)
     p.add_argument("--batches", default="1,2,4,8,16", help="comma-separated batch sizes")
-    p.add_argument("--tokens", type=int, default=16, help="tokens generated per prompt")
-    p.add_argument("--prompt", type=int, default=32, help="prompt tokens (random ids) of the float models")
-    p.add_argument("--quantized-prompt", type=int, default=8, help="prompt tokens of the 4-bit model")
-    p.add_argument("--vision-layers", type=int, default=2, help="CLIP layers of the ttft model (one fewer run)")
+    p.add_argument("--tokens", type=int, default=8, help="tokens generated per prompt")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens (random ids) of the float models")
+    p.add_argument("--quantized-batches", default="1,2,4,8", help="batch sizes of the 4-bit model")
+    p.add_argument("--quantized-tokens", type=int, default=4, help="tokens generated per prompt, 4-bit")
+    p.add_argument("--quantized-prompt", type=int, default=4, help="prompt tokens of the 4-bit model")
+    p.add_argument("--vision-layers", type=int, default=24, help="CLIP layers of the ttft model (one fewer run)")
     p.add_argument("--budget", type=float, default=6.0, help="seconds after which a case stops repeating")
     p.add_argument("--parts", default="throughput,ttft", help="comma-separated subset of throughput,ttft")
     args = p.parse_args()
     if args.quick:
-        args.batches, args.tokens, args.prompt, args.quantized_prompt, args.repeats = "1,2", 4, 12, 6, 1
+        args.batches = args.quantized_batches = "1,2"
+        args.tokens, args.prompt, args.quantized_tokens, args.quantized_prompt, args.repeats = 4, 12, 4, 6, 1
+        args.vision_layers = 2
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.quantized_batches = [int(b) for b in args.quantized_batches.split(",")]
     parts = args.parts.split(",")
-    settings = ("batches", "tokens", "prompt", "quantized_prompt", "vision_layers", "repeats", "budget")
+    settings = ("batches", "tokens", "prompt", "quantized_batches", "quantized_tokens", "quantized_prompt",
+                "vision_layers", "repeats", "budget")  # fmt: skip
     result = {"machine": harness.machine(), "quick": args.quick, "settings": {k: getattr(args, k) for k in settings}}
     text = []
     if "throughput" in parts:
@@ -262,6 +290,8 @@ def main():
     if "ttft" in parts:
         result["ttft"] = ttft_part(args)
         text.append(ttft_report(result["ttft"]))
+    result["targets"] = targets(result)
+    text.append("Targets:\n" + "\n".join(f"  {name}: {value:.2f}" for name, value in result["targets"].items()))
     if args.quick:
         text.append("--quick: tiny models, one run each (a smoke test, not a measurement)")
     harness.emit(result, "\n\n".join(text), args)

@@ -38,7 +38,7 @@ from cumo_mlx.loader import DEMO_PATH, load, load_processor
 from cumo_mlx.models.config import ModelArgs
 from cumo_mlx.models.model import Model
 from cumo_mlx.serve.app import ServerConfig, create_app
-from cumo_mlx.serve.backend import ThreadBackend
+from cumo_mlx.serve.backend import BatchBackend
 from PIL import Image
 
 QUESTIONS = ["Describe the image.", "What shape is this?", "What colour is the circle?", "How many shapes are there?"]
@@ -69,9 +69,9 @@ def image_uri(seed: int, side: int) -> str:
 
 
 @contextmanager
-def running_server(model, processor, name: str):
+def running_server(model, processor, name: str, max_batch_size: int):
     """The server on a free local port: yields the port."""
-    backend = ThreadBackend(lambda: (model, processor), max_queue=256).start()
+    backend = BatchBackend(lambda: (model, processor), max_queue=256, max_batch_size=max_batch_size).start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(backend, ServerConfig(name)), log_level="warning", lifespan="off"))
@@ -174,7 +174,7 @@ def bench_model(name: str, model, processor, args) -> dict:
     def make_body(question, image=uri):
         return body(question, image, args.tokens, eos)
 
-    with running_server(model, processor, name) as port:
+    with running_server(model, processor, name, max(args.clients)) as port:
         expected = [ask(port, make_body(q))["text"] for q in QUESTIONS]  # alone; also warms up the cache
         runs = {str(c): load_run(port, c, args.requests, make_body, expected) for c in args.clients}
         vision = vision_run(port, args.repeats, side, make_body)
@@ -201,7 +201,7 @@ def main():
     if args.quick:
         args.tokens, args.repeats, args.layers, args.vision_layers = 4, 1, 1, 1
     result = {"machine": harness.machine(), "quick": args.quick, "tokens": args.tokens, "requests": args.requests,
-              "backend": "ThreadBackend (one sequence at a time)", "models": {}}  # fmt: skip
+              "backend": f"BatchBackend (max_batch_size {max(args.clients)})", "models": {}}  # fmt: skip
     for name in args.models.split(","):
         model, processor = load("demo") if name == "demo" else widths_model(args)
         result["models"][name] = bench_model(name, model, processor, args)

@@ -24,7 +24,7 @@ def chat(model, images, system, seed, verbose, **flags):
 
     \b
     /image PATH|URL  add an image to your next message
-    /reset           start a new conversation
+    /reset           start a new conversation (the --image(s) go with its first message again)
     /exit            quit (or Ctrl-D)
     Ctrl-C stops an answer; the conversation keeps what was said.
     """
@@ -50,7 +50,10 @@ def chat(model, images, system, seed, verbose, **flags):
                 break
             if command == "/reset":
                 session.reset()
-                click.echo("(the conversation is reset)", err=True)
+                for picture in pictures:  # the images the chat was started with belong to every conversation
+                    session.add_image(picture)
+                again = f"; the {len(pictures)} --image image(s) go with your next message" if pictures else ""
+                click.echo(f"(the conversation is reset{again})", err=True)
             elif command == "/image":
                 if not argument.strip():
                     raise CuMoError("/image needs an image", "type /image PATH or /image URL")

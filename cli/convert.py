@@ -21,16 +21,14 @@ import click
 @click.option(
     "--q-bits",
     type=click.Choice(["2", "3", "4", "6", "8"]),
-    default="4",
-    show_default=True,
-    help="Bits per weight when quantizing.",
+    default=None,
+    help="Bits per weight when quantizing (with -q). Default: 4.",
 )
 @click.option(
     "--q-group-size",
     type=click.Choice(["32", "64", "128"]),
-    default="64",
-    show_default=True,
-    help="Quantization group size.",
+    default=None,
+    help="Quantization group size (with -q). Default: 64.",
 )
 @click.option(
     "--dtype",
@@ -82,8 +80,8 @@ def convert(
         hf_path,
         mlx_path,
         quantize=quantize,
-        q_bits=int(q_bits),
-        q_group_size=int(q_group_size),
+        q_bits=None if q_bits is None else int(q_bits),
+        q_group_size=None if q_group_size is None else int(q_group_size),
         dtype=dtype,
         upload_repo=upload_repo,
         revision=revision,

@@ -5,6 +5,7 @@ from pathlib import Path
 import click
 
 from cumo_mlx.errors import CuMoError
+from cumo_mlx.paths import check_output
 
 
 @click.group(invoke_without_command=True)
@@ -34,7 +35,8 @@ def data(ctx):
     help="Comma-separated question types of the turns after the first.",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def shapes(out: Path, count: int, seed: int, multi_turn: float, max_turns: int, follow_ups: str, progress):
+@click.option("--force", is_flag=True, help="Write into an --out that already holds files.")
+def shapes(out: Path, count: int, seed: int, multi_turn: float, max_turns: int, follow_ups: str, progress, force: bool):
     """Render a synthetic dataset of coloured shapes with captions and one-word questions.
 
     Writes OUT/images/*.png, OUT/pretrain.json (stage-1 captions, `plain` style),
@@ -52,6 +54,7 @@ def shapes(out: Path, count: int, seed: int, multi_turn: float, max_turns: int, 
         raise CuMoError(f"--multi-turn must be in [0, 1], got {multi_turn}", "give a share between 0 and 1")
     if out.exists() and not out.is_dir():
         raise CuMoError(f"--out {out} is a file", "give a folder")
+    check_output(out, force=force)
     try:
         summary = write_dataset(
             out, count, seed=seed, multi_turn=multi_turn, progress=progress, max_turns=max_turns, follow_ups=follow_up_types

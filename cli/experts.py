@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 from cumo_mlx.errors import CuMoError
+from cumo_mlx.paths import check_output
 
 
 @click.command()
@@ -28,7 +29,8 @@ from cumo_mlx.errors import CuMoError
     help="Prompt template for the LLM's MoE layers (auto: plain for caption-only data).",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def experts(model_path, data_path, image_folder, out_path, json_path, max_samples, batch_size, template, progress):
+@click.option("--force", is_flag=True, help="Write over existing --out and --json files.")
+def experts(model_path, data_path, image_folder, out_path, json_path, max_samples, batch_size, template, progress, force):
     """Route statistics: the share of (token, top-k) assignments each expert of each MoE layer
     (CLIP layers, connector, Mixtral layers) receives over a dataset. Prints a table; writes a PNG
     heatmap with --out and the numbers with --json. The model's outputs are not changed."""
@@ -38,8 +40,11 @@ def experts(model_path, data_path, image_folder, out_path, json_path, max_sample
     from cumo_mlx.train.data import read_records
 
     for option, path in (("--out", out_path), ("--json", json_path)):
-        if path is not None and (path.is_dir() or not path.parent.exists()):
+        if path is None:
+            continue
+        if path.is_dir() or not path.parent.exists():
             raise CuMoError(f"{option} {path}: {'is a directory' if path.is_dir() else 'its folder does not exist'}", "give a file path in an existing folder")
+        check_output(path, data_path, force=force, option=option)
     read_records(data_path)  # a missing or broken data file fails before the model loads
     if image_folder is None:
         image_folder = data_path.parent

@@ -56,7 +56,9 @@ def generation_options(f):
         click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=None, help="Random seed for sampling."),
         click.option("--max-kv-size", type=int, default=None, help="Keep at most this many tokens in the KV cache."),
         click.option("--kv-bits", type=int, default=None, help="Quantize the KV cache to this many bits (1-6, 8)."),
-        click.option("--kv-group-size", type=int, default=64, show_default=True, help="Group size of KV quantization."),
+        click.option("--kv-group-size", type=int, default=None,
+                     help="Group size of KV quantization (32, 64, 128). Default: 64, or the largest that "
+                     "divides the model's attention head size."),
         click.option("--quantized-kv-start", type=int, default=5000, show_default=True,
                      help="Quantize the KV cache once it holds this many tokens."),  # fmt: skip
         click.option("--prefill-step-size", type=int, default=2048, show_default=True,
@@ -73,12 +75,12 @@ def start(model: str, system, seed, flags: dict):
     import mlx.core as mx
     from cumo_mlx.generate import GenerationOptions, check_system
 
-    options = GenerationOptions(**flags)  # checked before the (slow) load; the head size is checked later
+    options = GenerationOptions(**flags)  # checked before the (slow) load; what needs the model after it
     system = check_system(DEFAULT_SYSTEM if system is None else system)
     if seed is not None:
         mx.random.seed(seed)
     model, processor = cumo_mlx.load(model)
-    return model, processor, system, options
+    return model, processor, system, options.for_model(model)  # (the KV group size for its head size)
 
 
 def text_stdin():

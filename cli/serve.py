@@ -82,7 +82,7 @@ def clean_exit_on_signals():
 @click.option("--allowed-origins", multiple=True, metavar="ORIGINS",
               help="Browser origins allowed to call the API (CORS), comma-separated or repeated; '*' for any.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Most sequences generated together (the current backend generates one at a time).")
+              help="Most sequences generated together (continuous batching); more wait in the queue.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most requests waiting; beyond it: 503 with Retry-After.")
 @click.option("--vision-cache-bytes", type=click.IntRange(min=0), default=512 << 20, show_default=True,
@@ -103,7 +103,7 @@ def serve(model, host, port, api_key, allowed_origins, max_batch_size, max_queue
     import uvicorn
     from cumo_mlx.loader import resolve_model_path
     from cumo_mlx.serve.app import ServerConfig, create_app
-    from cumo_mlx.serve.backend import ThreadBackend
+    from cumo_mlx.serve.backend import BatchBackend
 
     if api_key is not None and not api_key.strip():
         raise CuMoError("the API key is empty", "give a key, or leave --api-key out")
@@ -116,8 +116,8 @@ def serve(model, host, port, api_key, allowed_origins, max_batch_size, max_queue
         else:
             server.should_exit = True  # its error is reported once the server has stopped
 
-    backend = ThreadBackend(lambda: cumo_mlx.load(path), max_queue=max_queue, max_batch_size=max_batch_size,
-                            vision_cache_bytes=vision_cache_bytes, on_loaded=loaded)  # fmt: skip
+    backend = BatchBackend(lambda: cumo_mlx.load(path), max_queue=max_queue, max_batch_size=max_batch_size,
+                           vision_cache_bytes=vision_cache_bytes, on_loaded=loaded)  # fmt: skip
     app = create_app(backend, ServerConfig(model_id(model), api_key, origins(allowed_origins), allow_local_files))
     server = uvicorn.Server(uvicorn.Config(app, log_config=log_config(log_level), log_level=log_level, lifespan="off"))
     click.echo(f"cumo-mlx: loading {model}; listening on {url(sock)}", err=True)

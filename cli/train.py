@@ -2,12 +2,12 @@
 
 import typing
 from dataclasses import MISSING, fields
-from pathlib import Path
 
 import click
 from cumo_mlx.errors import CuMoError
+from cumo_mlx.paths import regular_file
 from cumo_mlx.prompt import TEMPLATES
-from cumo_mlx.train.options import FINE_TUNE_TYPES, STAGES, TrainConfig
+from cumo_mlx.train.options import FINE_TUNE_TYPES, STAGES, TrainConfig, check_setting
 
 HELP = {
     "model": "Model directory (MLX layout) or hub id to train from.",
@@ -61,12 +61,12 @@ def _param_type(field):
 
 def load_config_file(ctx: click.Context, param, value):
     """-c config.yaml: its keys (the option names, mlx-lm style) become the defaults."""
-    if not value:
+    if value is None:
         return value
     import yaml
 
     try:
-        data = yaml.safe_load(Path(value).read_text())
+        data = yaml.safe_load(regular_file(value, "config file", 1 << 20).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise CuMoError(f"cannot read the config file {value}: {e}", "give a YAML file of option: value lines") from None
     if data is None:
@@ -77,7 +77,9 @@ def load_config_file(ctx: click.Context, param, value):
     defaults, unknown = {}, []
     for key, item in data.items():
         key = KEY_ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
-        if key == "lora_parameters" and isinstance(item, dict):  # mlx-lm's nested form
+        if key == "lora_parameters" and not isinstance(item, dict):
+            raise CuMoError(f"{value}: lora_parameters must be a mapping (rank, alpha, dropout, scale)", "fix the config file")
+        if key == "lora_parameters":  # mlx-lm's nested form
             rank = item.get("rank", defaults.get("lora_rank"))
             for sub, target in (("rank", "lora_rank"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
                 if sub in item:
@@ -95,6 +97,9 @@ def load_config_file(ctx: click.Context, param, value):
             unknown.append(str(key))
     if unknown:
         raise CuMoError(f"{value}: unknown setting(s) {', '.join(unknown)}", "use the option names of `cumo-mlx train --help`")
+    # Text is parsed as on the command line; anything else must already be of the setting's type
+    # (click would truncate 2.5 to an int).
+    defaults = {k: v if isinstance(v, str) else check_setting(k, v) for k, v in defaults.items()}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

@@ -13,15 +13,17 @@ import click
 @click.option("--no-vision", is_flag=True, help="Keep the CLIP MLPs dense.")
 @click.option("--no-connector", is_flag=True, help="Keep the mlp2x_gelu connector dense.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the fresh routers.")
-def upcycle(model, mlx_path, num_experts, top_k, no_vision, no_connector, seed):
+@click.option("--force", is_flag=True, help="Write over an existing --mlx-path.")
+def upcycle(model, mlx_path, num_experts, top_k, no_vision, no_connector, seed, force):
     """Turn dense CLIP MLPs and the mlp2x_gelu connector into MoE blocks whose experts all start as
     copies of the dense MLP, with freshly initialised routers (outputs unchanged at step 0)."""
-    from cumo_mlx.loader import check_output, load_model, resolve_model_path, save
+    from cumo_mlx.loader import load_model, resolve_model_path, save
+    from cumo_mlx.paths import check_output
     from cumo_mlx.train.lora import stored_dtype
     from cumo_mlx.train.upcycle import upcycle as upcycle_model
 
     source = resolve_model_path(model)
-    check_output(mlx_path, source)
+    check_output(mlx_path, source, force=force, option="--mlx-path")
     dense, _ = load_model(source, dtype=stored_dtype(source))
     moe = upcycle_model(dense, num_experts, top_k, vision=not no_vision, connector=not no_connector, seed=seed)
     save(mlx_path, moe, tokenizer_source=source)

@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from cumo_mlx.errors import CheckpointError
+from cumo_mlx.paths import regular_file
 
 from .unpickler import NUMPY_DTYPES, load_torch_zip, unwrap_state_dict
 
@@ -174,6 +175,7 @@ def read_safetensors(path: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{path} has an invalid safetensors header", "re-download the file")
     data_start = 8 + header_len
     entries = {}
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -199,7 +201,17 @@ def read_safetensors(path: Path) -> dict[str, TensorEntry]:
         entries[name] = TensorEntry(
             name, shape, our_dtype, path, _memmap_reader(path, numpy_dtype, data_start + begin, shape)
         )
+        spans.append((begin, end, name))
+    _check_overlaps(path, spans)
     return entries
+
+
+def _check_overlaps(path: Path, spans: list) -> None:
+    """The format forbids tensors sharing bytes (a lying header could make two weights alias)."""
+    spans = sorted(span for span in spans if span[0] < span[1])  # an empty tensor holds no bytes
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors '{name}' and '{other}' overlap", "re-download the file")
 
 
 def _memmap_reader(path: Path, dtype: str, offset: int, shape: tuple) -> Callable[[], np.ndarray]:
@@ -296,6 +308,7 @@ def read_checkpoint(files: list[Path]) -> dict[str, TensorEntry]:
     entries: dict[str, TensorEntry] = {}
     duplicates = []
     for path in files:
+        regular_file(path, "weight file", error=CheckpointError)  # (weights are memory-mapped, of any size)
         found = read_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path)
         for name, entry in found.items():
             if name in entries:

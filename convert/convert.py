@@ -36,6 +36,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -80,6 +81,8 @@ class Summary:
     quantization: Optional[dict]
     dtype: str
     seconds: float
+    quantized_layers: int = 0
+    too_narrow: int = 0  # layers -q would quantize but for an input size that is not a multiple of the group size
 
     @property
     def bits_per_weight(self) -> float:
@@ -87,11 +90,17 @@ class Summary:
 
     def line(self) -> str:
         q = self.quantization
-        how = f"{q['bits']}-bit (group {q['group_size']})" if q else self.dtype
-        return (
+        how = self.dtype
+        if q:
+            how = f"{q['bits']}-bit (group {q['group_size']})" if self.quantized_layers else f"{self.dtype}, nothing quantized"
+        line = (
             f"converted to {self.path}: {_count(self.parameters)} parameters, {_bytes(self.bytes_written)} written, "
             f"{self.bits_per_weight:.2f} bits per weight ({how}) in {self.seconds:.0f}s"
         )
+        if self.too_narrow:
+            line += (f"; {self.too_narrow} layer(s) left at {self.dtype}: their input size is not a multiple of "
+                     f"the group size {q['group_size']} (a smaller --q-group-size may divide it)")  # fmt: skip
+        return line
 
 
 def _count(n: int) -> str:
@@ -261,6 +270,7 @@ class Plan:
     quantization: Optional[dict]  # config.json's `quantization`, None for floats
     quantized: set[str]  # the quantized layers' paths
     parameters: int
+    too_narrow: int = 0  # layers kept as floats only because the group size does not divide their input size
 
 
 def plan_conversion(
@@ -279,12 +289,15 @@ def plan_conversion(
     validate(skeleton, groups)
     parameters = sum(math.prod(v.shape) for _, v in tree_flatten(skeleton.parameters()))
     dtype = dtype or _default_dtype(config, entries)
-    quantization, quantized = None, set()
+    quantization, quantized, too_narrow = None, set(), 0
     if quantize:
         quantization, quantized = quantization_plan(skeleton, q_bits, q_group_size, quantize_vision)
+        kept_by_rule = (ROUTER, ALWAYS_FLOAT, *([] if quantize_vision else [re.compile(r"^(vision_tower|mm_projector)\.")]))
+        too_narrow = sum(1 for path, value in quantization.items()
+                         if value is False and not any(rule.search(path) for rule in kept_by_rule))  # fmt: skip
     groups = [g for g in groups if g.targets]  # the others are dropped (rotary inv_freq, position_ids, post_layernorm)
     outputs = output_plan(skeleton, groups, quantized, getattr(mx, dtype))
-    return Plan(skeleton, groups, outputs, dtype, quantization, quantized, parameters)
+    return Plan(skeleton, groups, outputs, dtype, quantization, quantized, parameters, too_narrow)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +479,9 @@ def read_source(src: Path, vision_tower: Optional[str]) -> tuple[dict, ModelArgs
     args = read_args(config, src)
     if args.quantization is not None:
         raise ConfigError("config.json has a 'quantization' entry", "convert the original float checkpoint")
-    entries = read_checkpoint(find_weight_files(src))
+    with warnings.catch_warnings():  # torch's UserWarning on some pickles: the tensors are checked here
+        warnings.simplefilter("ignore", UserWarning)
+        entries = read_checkpoint(find_weight_files(src))
     check_index(src, entries)
     tokenizer_files = [name for name in hub.TOKENIZER_FILES if (src / name).is_file()]
     if not any(name in tokenizer_files for name in ("tokenizer.model", "tokenizer.json")):
@@ -481,7 +496,16 @@ def read_source(src: Path, vision_tower: Optional[str]) -> tuple[dict, ModelArgs
 # The conversion
 
 
-def _check_options(quantize: bool, q_bits: int, q_group_size: int, dtype: Optional[str], quantize_vision: bool) -> None:
+def _check_options(
+    quantize: bool, q_bits: Optional[int], q_group_size: Optional[int], dtype: Optional[str], quantize_vision: bool
+) -> tuple[int, int]:
+    """The bits and group size to quantize with (defaults 4 and 64); CuMoError for an option out of
+    range or one that would be ignored."""
+    for flag, value in (("--q-bits", q_bits), ("--q-group-size", q_group_size)):
+        if value is not None and not quantize:
+            raise CuMoError(f"{flag} has no effect without --quantize", f"add -q, or leave out {flag}")
+    q_bits = 4 if q_bits is None else q_bits
+    q_group_size = 64 if q_group_size is None else q_group_size
     if q_bits not in Q_BITS:
         raise CuMoError(
             f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}", "pick a supported bit width"
@@ -495,6 +519,7 @@ def _check_options(quantize: bool, q_bits: int, q_group_size: int, dtype: Option
         raise CuMoError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}", "pick a supported dtype")
     if quantize_vision and not quantize:
         raise CuMoError("--quantize-vision needs --quantize", "add -q")
+    return q_bits, q_group_size
 
 
 def _check_destination(dst: Path, force: bool, src: Optional[Path] = None) -> None:
@@ -506,6 +531,9 @@ def _check_destination(dst: Path, force: bool, src: Optional[Path] = None) -> No
             )
     if (dst.exists() or dst.is_symlink()) and not force:
         raise CuMoError(f"{dst} already exists", "choose another --mlx-path, or pass --force to replace it")
+    if force and (os.path.ismount(dst) or dst.resolve() in (Path.cwd(), *Path.cwd().parents)):
+        # (a mount point cannot be renamed aside; a folder holding the current one would vanish under it)
+        raise CuMoError(f"--mlx-path {dst} cannot be replaced: it is a mount point or holds the current folder", "choose a new --mlx-path")
     if dst.parent.exists() and not dst.parent.is_dir():
         raise CuMoError(f"{dst.parent} is not a directory", "choose another --mlx-path")
 
@@ -599,8 +627,8 @@ def convert(
     hf_path: str,
     mlx_path: str,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
     dtype: Optional[str] = None,
     upload_repo: Optional[str] = None,
     revision: Optional[str] = None,
@@ -612,8 +640,8 @@ def convert(
 ) -> Summary:
     """Convert the CuMo checkpoint `hf_path` (hub id or directory) into the MLX directory `mlx_path`."""
     started = time.time()
-    _check_options(quantize, q_bits, q_group_size, dtype, quantize_vision)
-    dst = Path(os.path.expanduser(mlx_path)).absolute()
+    q_bits, q_group_size = _check_options(quantize, q_bits, q_group_size, dtype, quantize_vision)
+    dst = Path(os.path.abspath(os.path.expanduser(mlx_path)))  # (abspath drops a "..": a rename of one fails)
     _check_destination(dst, force)
     src, repo_id = resolve_source(str(hf_path), revision, progress)
     _check_destination(dst, force, src)
@@ -637,7 +665,8 @@ def convert(
             f"{dst} appeared while converting", "choose another --mlx-path, or pass --force to replace it"
         ) from None
     seconds = time.time() - started
-    summary = Summary(dst, plan.parameters, tensor_bytes, bytes_written, plan.quantization, plan.dtype, seconds)
+    summary = Summary(dst, plan.parameters, tensor_bytes, bytes_written, plan.quantization, plan.dtype, seconds,
+                      len(plan.quantized), plan.too_narrow)  # fmt: skip
     if upload_repo:
         hub.upload(dst, upload_repo)
     return summary

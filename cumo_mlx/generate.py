@@ -3,7 +3,8 @@
 A call goes in three steps, each a function a server or a batch can reuse:
 - `prompt_ids`: the question in the conversation template (or prompt ids as given), after the one
   check that it places one image per image (`prompt.check_placeholders`);
-- `encode_images`: each image's LLM embeddings (preprocessing, vision tower, connector);
+- `encode_images`: each image's LLM embeddings (preprocessing, vision tower, connector), through
+  a `VisionCache` when one is given (a chat owns one; `generate` is one call, so none by default);
 - `stream_prompt`: the ids laid out with the image rows (`prompt_inputs`), then mlx-lm, which
   prefills them in `prefill_step_size` chunks into its KV cache and samples with its samplers and
   logits processors, as `GenerationOptions` sets them.
@@ -14,6 +15,7 @@ is expanded to one IMAGE_FILL_ID per image row. Float and quantized models share
 """
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,14 +37,21 @@ from .prompt import (
     IMAGE_PLACEHOLDER,
     chat_prompt,
     check_placeholders,
+    check_token_ids,
     image_layout,
     user_turn,
     with_image_placeholders,
 )
+from .vision_cache import VisionCache
 
 IMAGE_FILL_ID = 0  # stands for an image row in the token history the logits processors see
 KV_BITS = (1, 2, 3, 4, 5, 6, 8)  # the widths mx.quantize supports
 KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64  # mlx-lm's; a model whose head size it does not divide gets the largest that does
+INT_OPTIONS = ("max_tokens", "top_k", "repetition_context_size", "max_kv_size", "kv_bits", "kv_group_size",
+               "quantized_kv_start", "prefill_step_size")  # fmt: skip
+NUMBER_OPTIONS = ("temp", "top_p", "min_p", "repetition_penalty")
+OPTIONAL = ("repetition_penalty", "max_kv_size", "kv_bits", "kv_group_size")
 
 
 @dataclass(frozen=True)
@@ -51,9 +60,11 @@ class GenerationOptions:
 
     temp 0 is greedy; top_k 0 and min_p 0 keep every token; repetition_penalty None (or 1) is none;
     `logit_bias` maps token ids to added logits; max_kv_size bounds the cache (a rotating one);
-    kv_bits quantizes it in kv_group_size groups once it holds quantized_kv_start tokens; prompts are
-    prefilled prefill_step_size positions at a time. A value mlx-lm would reject late, crash on, or
-    silently ignore raises CuMoError when the options are made (`check_model`: what needs the model).
+    kv_bits quantizes it in kv_group_size groups (None: 64, or the largest size that divides the
+    model's head size) once it holds quantized_kv_start tokens; prompts are prefilled
+    prefill_step_size positions at a time. A value of the wrong type, or one mlx-lm would reject late,
+    crash on, or silently ignore raises CuMoError when the options are made (`for_model`: what needs
+    the model).
     """
 
     max_tokens: int = 512
@@ -66,7 +77,7 @@ class GenerationOptions:
     logit_bias: Optional[dict[int, float]] = None
     max_kv_size: Optional[int] = None
     kv_bits: Optional[int] = None
-    kv_group_size: int = 64
+    kv_group_size: Optional[int] = None
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START
     prefill_step_size: int = 2048
 
@@ -77,6 +88,7 @@ class GenerationOptions:
         return replace(options, **values) if values else options
 
     def __post_init__(self):
+        self._check_types()
         temp, penalty, kv_bits, max_kv_size = self.temp, self.repetition_penalty, self.kv_bits, self.max_kv_size
         rules = [  # (option, wrong, what it must be)
             ("max_tokens", self.max_tokens < 1, "must be at least 1"),
@@ -91,7 +103,7 @@ class GenerationOptions:
             ("prefill_step_size", self.prefill_step_size < 1, "must be at least 1"),
             ("quantized_kv_start", self.quantized_kv_start < 0, "must be >= 0"),
             ("kv_bits", kv_bits not in (None, *KV_BITS), f"must be one of {', '.join(map(str, KV_BITS))}"),
-            ("kv_group_size", kv_bits is not None and self.kv_group_size not in KV_GROUP_SIZES,
+            ("kv_group_size", kv_bits is not None and self.kv_group_size not in (None, *KV_GROUP_SIZES),
              f"must be one of {', '.join(map(str, KV_GROUP_SIZES))}"),  # fmt: skip
         ]
         for option, wrong, requirement in rules:
@@ -100,13 +112,46 @@ class GenerationOptions:
         if kv_bits is not None and max_kv_size is not None:
             message = "kv_bits cannot be combined with max_kv_size (mlx-lm cannot quantize a rotating cache)"
             raise CuMoError(message, "change that option")
+        if kv_bits is None and self.kv_group_size is not None:  # (it would be silently ignored)
+            raise CuMoError("kv_group_size has no effect without kv_bits", "add kv_bits, or leave kv_group_size out")
 
-    def check_model(self, model: Model) -> None:
-        """CuMoError if the KV quantization groups do not divide the model's attention head size."""
-        head_dim = model.args.text_config.head_dim
-        if self.kv_bits is not None and head_dim % self.kv_group_size != 0:
-            message = f"kv_group_size {self.kv_group_size} does not divide the model's attention head size {head_dim}"
-            raise CuMoError(message, "change that option")
+    def _check_types(self) -> None:
+        """Integers where counts go, finite numbers where numbers go (a float max_tokens never ends)."""
+        for option in INT_OPTIONS + NUMBER_OPTIONS:
+            value = getattr(self, option)
+            kind, what = (numbers.Integral, "an integer") if option in INT_OPTIONS else (numbers.Real, "a number")
+            if (value is None and option in OPTIONAL) or (isinstance(value, kind) and not isinstance(value, bool)):
+                continue
+            raise CuMoError(f"{option} must be {what}, got {value!r}", "change that option")
+        bias = self.logit_bias
+        if bias is not None and not (
+            isinstance(bias, dict)
+            and all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in bias)
+            and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in bias.values())
+        ):
+            raise CuMoError(f"logit_bias must map token ids to finite numbers, got {bias!r}", "change that option")
+
+    def for_model(self, model: Model) -> "GenerationOptions":
+        """These options with the KV group size settled for the model's attention head size; CuMoError
+        if a group size given does not divide it, or a logit bias names a token outside the vocabulary."""
+        head_dim, vocab_size = model.args.text_config.head_dim, model.args.text_config.vocab_size
+        outside = [k for k in self.logit_bias or {} if not 0 <= k < vocab_size]
+        if outside:
+            raise CuMoError(f"logit_bias names token id(s) {outside[:5]} outside the vocabulary of {vocab_size}",
+                            f"use ids in 0..{vocab_size - 1}")  # fmt: skip
+        if self.kv_bits is None:
+            return self
+        if self.kv_group_size is not None:
+            if head_dim % self.kv_group_size != 0:
+                message = f"kv_group_size {self.kv_group_size} does not divide the model's attention head size {head_dim}"
+                raise CuMoError(message, "change that option")
+            return self
+        sizes = [DEFAULT_KV_GROUP_SIZE] + sorted(KV_GROUP_SIZES, reverse=True)
+        fitting = [size for size in sizes if head_dim % size == 0]
+        if not fitting:
+            message = f"kv_bits needs a group size (32, 64 or 128) that divides the model's attention head size {head_dim}"
+            raise CuMoError(message, "leave out kv_bits for this model")
+        return replace(self, kv_group_size=fitting[0])
 
     def sampler(self, vocab_size: int) -> Callable[[mx.array], mx.array]:
         """mlx-lm's sampler. top_k >= the vocabulary keeps every token, as 0 does (mlx-lm raises inside
@@ -121,10 +166,10 @@ class GenerationOptions:
 
     def mlx_lm_arguments(self, vocab_size: int) -> dict:
         """These options as the keyword arguments of mlx-lm's `stream_generate`."""
-        cache = ("max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start", "prefill_step_size")
+        cache = ("max_kv_size", "kv_bits", "quantized_kv_start", "prefill_step_size")
         return dict(
             max_tokens=self.max_tokens, sampler=self.sampler(vocab_size), logits_processors=self.logits_processors(),
-            **{name: getattr(self, name) for name in cache},
+            kv_group_size=self.kv_group_size or DEFAULT_KV_GROUP_SIZE, **{name: getattr(self, name) for name in cache},
         )  # fmt: skip
 
 
@@ -171,16 +216,22 @@ def prompt_ids(
     `<image>` per image unless the question places them) or prompt ids used as given."""
     if isinstance(prompt, str):
         return processor.tokenize(chat_prompt([check_question(prompt, num_images)], check_system(system)))
-    ids = [int(i) for i in prompt]
+    ids = check_token_ids(prompt, processor.args.text_config.vocab_size)
     if not ids:
         raise CuMoError("the prompt is empty", "give a question or an instruction")
     check_placeholders(ids, num_images)
     return ids
 
 
-def encode_images(model: Model, processor: Processor, images: Sequence[ImageSource]) -> list[mx.array]:
-    """Each image's LLM embeddings [1, rows, hidden], lazy: evaluated one by one, they take the peak
-    memory of one image. Every image is read (and a bad one reported) before the vision tower runs."""
+def encode_images(
+    model: Model, processor: Processor, images: Sequence[ImageSource], vision_cache: Optional[VisionCache] = None
+) -> list[mx.array]:
+    """Each image's LLM embeddings [1, rows, hidden]. Every image is read (and a bad one reported)
+    before the vision tower runs. Without `vision_cache` they are lazy (evaluated one by one, they
+    take the peak memory of one image); with it, an image seen before skips the tower and the
+    others are encoded now and kept."""
+    if vision_cache is not None:
+        return [encoded.features for encoded in vision_cache.encode_all(model, processor, images)]
     pixels = [processor.preprocess_images([image]) for image in images]
     return [model.encode_images(p).features for p in pixels]
 
@@ -216,19 +267,19 @@ def stream_prompt(
     options: Optional[GenerationOptions] = None,
     prompt_cache: Optional[list] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    vision_cache: Optional[VisionCache] = None,
 ) -> Iterator[GenerationResponse]:
     """`stream_generate` for prompt ids that passed the placeholder check (`prompt_ids`): one
     IMAGE_TOKEN_INDEX per image of `images` (paths, URLs or PIL images), or per image of
     `image_features` [n, rows, hidden]."""
-    options = options or GenerationOptions()
-    options.check_model(model)
+    options = (options or GenerationOptions()).for_model(model)
     tic = time.perf_counter()
-    per_image = encode_images(model, processor, images)
+    per_image = encode_images(model, processor, images, vision_cache)
     if per_image:
         image_features = mx.concatenate(per_image)
     cached = prompt_cache[0].offset if prompt_cache else 0
     tokens, embeddings = prompt_inputs(model, ids, image_features, cached)
-    for features in per_image:  # after the context check: a prompt that cannot fit costs no vision tower
+    for features in per_image:  # after the context check: a prompt that cannot fit costs no vision tower (uncached)
         mx.eval(features)
     image_time = time.perf_counter() - tic if image_features is not None and image_features.shape[0] else 0.0
     responses = mlx_stream_generate(
@@ -255,6 +306,7 @@ def stream_generate(
     prompt_cache: Optional[list] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     options: Optional[GenerationOptions] = None,
+    vision_cache: Optional[VisionCache] = None,
     **option_values,
 ) -> Iterator[GenerationResponse]:
     """Yield the answer as it is generated, one GenerationResponse per token, as mlx-lm does.
@@ -264,9 +316,10 @@ def stream_generate(
     IMAGE_TOKEN_INDEX per image). `images` are paths, http(s) URLs or PIL images; or give
     `image_features` [n, rows, hidden] already encoded. Sampling and the KV cache: `options`, or
     GenerationOptions' fields as keywords (max_tokens=, temp=, ...; over `options` when both).
-    With `prompt_cache`, the prompt continues what the cache holds. Generation stops at `</s>` or
-    after `max_tokens` tokens; the last response has `finish_reason` "stop" (its token is `</s>`)
-    or "length".
+    With `prompt_cache`, the prompt continues what the cache holds; with `vision_cache`, images
+    seen before skip the vision tower (one call encodes each image once anyway: a cache pays off
+    across calls, as a chat's). Generation stops at `</s>` or after `max_tokens` tokens; the last
+    response has `finish_reason` "stop" (its token is `</s>`) or "length".
     """
     options = GenerationOptions.of(options, **option_values)
     images = as_image_list(images)
@@ -276,7 +329,7 @@ def stream_generate(
     ids = prompt_ids(processor, prompt, num_images, system)
     yield from stream_prompt(
         model, processor, ids, images, image_features=image_features, options=options,
-        prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback,
+        prompt_cache=prompt_cache, prompt_progress_callback=prompt_progress_callback, vision_cache=vision_cache,
     )  # fmt: skip
 
 
@@ -319,15 +372,22 @@ class ChatSession:
     `ids` is the whole conversation so far: every turn's prompt ids (image placeholders
     included) and every generated id, `</s>` included; the cache holds exactly these (with
     each placeholder as its image's rows), so a turn prefills only its own new ids.
+    Images go through `vision_cache` (default: the session's own), keyed by their pixels: an image
+    shown again skips the vision tower, a file changed on disk is encoded anew.
     """
 
     def __init__(
-        self, model: Model, processor: Processor, system: Optional[str] = DEFAULT_SYSTEM, max_kv_size: Optional[int] = None
+        self,
+        model: Model,
+        processor: Processor,
+        system: Optional[str] = DEFAULT_SYSTEM,
+        max_kv_size: Optional[int] = None,
+        vision_cache: Optional[VisionCache] = None,
     ):
         self.model, self.processor, self.max_kv_size = model, processor, max_kv_size
         self.system = check_system(system)
         self.eos = processor.tokenizer.eos_token_id
-        self.encoded: dict[str, mx.array] = {}  # image source -> features: each image encoded once
+        self.vision_cache = VisionCache() if vision_cache is None else vision_cache
         self.reset()
 
     def reset(self) -> None:
@@ -339,14 +399,7 @@ class ChatSession:
 
     def add_image(self, source: ImageSource) -> None:
         """Read and encode an image now (so a bad one is reported at once); the next turn shows it."""
-        key = None if isinstance(source, Image.Image) else str(source)
-        features = self.encoded.get(key) if key else None
-        if features is None:
-            (features,) = encode_images(self.model, self.processor, [source])
-            mx.eval(features)
-            if key:
-                self.encoded[key] = features
-        self.pending.append(features)
+        self.pending.append(self.vision_cache.encode(self.model, self.processor, source).features)
 
     def turn_ids(self, question: str) -> list[int]:
         """The new ids a turn asking `question` appends to the conversation (the placeholder check)."""

@@ -9,14 +9,19 @@ is downloaded and used as is; an original PyTorch checkpoint is downloaded and c
         <owner>--<name>-4bit/            (revision-pinned: <owner>--<name>@<revision>-4bit)
 
 Downloads go through huggingface_hub, so HF_HOME, HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE apply.
-Offline, a checkpoint already in the hub cache is still converted; one that is not is a clear
-CuMoError.
+A download says first how much it fetches and where to, then shows huggingface_hub's progress bars.
+Offline (HF_HUB_OFFLINE, or the hub not answering a quick connection attempt), a checkpoint already
+in the hub cache is still used; one that is not is a clear CuMoError at once (huggingface_hub
+would retry for most of a minute first).
 """
 
 import json
 import os
 import re
+import socket
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,6 +29,7 @@ from .errors import CheckpointError, ConfigError, CuMoError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_BITS = 4
+PROBE_TIMEOUT_S = 3  # to connect to the hub before a download
 # The tokenizer's files in a model directory: copied along by conversion, training and saving.
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -71,7 +77,28 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or value.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _hub_error(repo_id: str, revision: Optional[str], error: Exception) -> CuMoError:
+def _unreachable() -> Optional[str]:
+    """Why the hub cannot be reached (a TCP connection to its endpoint), or None when it can. Behind
+    a proxy the direct connection proves nothing: None."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    if not url.hostname or urllib.request.getproxies():
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT}: {e.strerror or e}"
+    return None
+
+
+def _local_only() -> Optional[str]:
+    """Why files must come from the local cache (HF_HUB_OFFLINE, an unreachable hub), or None."""
+    return "HF_HUB_OFFLINE is set" if _offline() else _unreachable()
+
+
+def _hub_error(repo_id: str, revision: Optional[str], error: Exception, local_only: Optional[str] = None) -> CuMoError:
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -94,10 +121,10 @@ def _hub_error(repo_id: str, revision: Optional[str], error: Exception) -> CuMoE
         return CuMoError(
             f"{repo_id} is not a valid hub id", "give a local directory or a hub id like shi-labs/CuMo-mistral-7b"
         )
-    if isinstance(error, LocalEntryNotFoundError) or _offline():
+    if isinstance(error, LocalEntryNotFoundError) or local_only:
         return CuMoError(
             f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if _offline() else ""),
+            + (f" ({local_only})" if local_only else ""),
             "connect to the network, or download it first and convert the local copy",
         )
     return CuMoError(
@@ -106,14 +133,33 @@ def _hub_error(repo_id: str, revision: Optional[str], error: Exception) -> CuMoE
     )
 
 
-def _snapshot(repo_id: str, revision: Optional[str], allow_patterns: Optional[list], progress: bool) -> Path:
+def _announce(repo_id: str, files: list[str], sizes: dict[str, int]) -> None:
+    """Say what a download fetches (from the hub's file sizes) and where it goes, before it starts."""
+    from huggingface_hub import constants
+
+    total = sum(sizes.get(name) or 0 for name in files)
+    print(f"{repo_id}: downloading {len(files)} files, {total / 1e9:.2f} GB, into {constants.HF_HUB_CACHE} "
+          "(files already there are not fetched again)", file=sys.stderr)  # fmt: skip
+
+
+def _remote_files(repo_id: str, revision: Optional[str]) -> dict[str, int]:
+    """The repo's file names and their sizes in bytes."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    return {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+
+
+def _snapshot(
+    repo_id: str, revision: Optional[str], allow_patterns: Optional[list], progress: bool, local: bool
+) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     if not progress:
         disable_progress_bars()
     try:
-        if _offline():
+        if local:
             return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
     finally:
@@ -132,27 +178,30 @@ def download_checkpoint(
     select_weight_files(names, read_index) picks the weight files among the repo's file names;
     read_index(name) is the `weight_map` of the index file `name`.
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
+    local_only = _local_only()
     try:
-        if _offline():
-            return _snapshot(repo_id, revision, None, progress)
-        files = HfApi().list_repo_files(repo_id, revision=revision)
+        if local_only:
+            return _snapshot(repo_id, revision, None, progress, local=True)
+        sizes = _remote_files(repo_id, revision)
 
         def read_index(name: str) -> dict:
             with open(hf_hub_download(repo_id, name, revision=revision), encoding="utf-8") as f:
                 return json.load(f)["weight_map"]
 
-        weights = select_weight_files(files, read_index)
+        weights = select_weight_files(list(sizes), read_index)
         if not weights:
             raise CheckpointError(
                 f"hub repository {repo_id} holds no weights (*.safetensors or pytorch_model*.bin)", "check the hub id"
             )
-        return _snapshot(repo_id, revision, weights + META_FILES, progress)
+        wanted = weights + META_FILES
+        _announce(repo_id, [name for name in sizes if name in wanted], sizes)
+        return _snapshot(repo_id, revision, wanted, progress, local=False)
     except CuMoError:
         raise
     except Exception as e:
-        raise _hub_error(repo_id, revision, e) from None
+        raise _hub_error(repo_id, revision, e, local_only) from None
 
 
 def cache_root() -> Path:
@@ -174,7 +223,7 @@ def is_mlx_repo(repo_id: str, revision: Optional[str] = None) -> Optional[bool]:
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=_offline())
+        path = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=_local_only() is not None)
         with open(path, encoding="utf-8") as f:
             return "vision_config" in json.load(f)
     except Exception:
@@ -183,39 +232,48 @@ def is_mlx_repo(repo_id: str, revision: Optional[str] = None) -> Optional[bool]:
 
 def download_model(repo_id: str, revision: Optional[str] = None, progress: bool = True) -> Path:
     """The local snapshot of a whole repo (an MLX model: every file is used)."""
+    local_only = _local_only()
     try:
-        return _snapshot(repo_id, revision, None, progress)
+        if not local_only:
+            sizes = _remote_files(repo_id, revision)
+            _announce(repo_id, list(sizes), sizes)
+        return _snapshot(repo_id, revision, None, progress, local=bool(local_only))
     except Exception as e:
-        raise _hub_error(repo_id, revision, e) from None
+        raise _hub_error(repo_id, revision, e, local_only) from None
 
 
 def download_vision_tower(repo_id: str) -> Path:
     """The local directory of a CLIP vision tower's config.json (and preprocessor_config.json, where
     the repo has one), as `mm_vision_tower` names it in an original config.json."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+    )
 
+    local_only = _local_only()
     try:
-        directory = Path(hf_hub_download(repo_id, "config.json")).parent
+        directory = Path(hf_hub_download(repo_id, "config.json", local_files_only=local_only is not None)).parent
     except HFValidationError:
         raise ConfigError(
             f"mm_vision_tower '{repo_id}' is neither a known tower, a local directory nor a hub id",
             "set --vision-tower to a CLIP directory or hub id",
         ) from None
     except Exception as e:  # offline, unknown repo, network failure
-        if constants.HF_HUB_OFFLINE:
+        if local_only:
             raise ConfigError(
-                f"the vision tower config '{repo_id}' is not in the local hub cache and hub access is offline "
-                "(HF_HUB_OFFLINE is set)",
-                "unset HF_HUB_OFFLINE and connect to the network, or pass --vision-tower with a local CLIP directory",
+                f"the vision tower config '{repo_id}' is not in the local hub cache and the hub cannot be reached "
+                f"({local_only})",
+                "connect to the network, or pass --vision-tower with a local CLIP directory",
             ) from None
         raise ConfigError(
             f"cannot fetch the vision tower config '{repo_id}' from the hub ({type(e).__name__})",
             "connect to the network, or pass --vision-tower with a local CLIP directory",
         ) from None
     try:
-        hf_hub_download(repo_id, "preprocessor_config.json")  # (into the same snapshot directory)
-    except EntryNotFoundError:
+        hf_hub_download(repo_id, "preprocessor_config.json", local_files_only=local_only is not None)
+    except (EntryNotFoundError, LocalEntryNotFoundError):  # (none in the repo, or none cached while offline)
         pass
     return directory
 

@@ -22,8 +22,9 @@ from mlx_lm.utils import save_model
 from . import hub
 from .convert.convert import convert
 from .errors import CheckpointError, CuMoError
-from .models.config import ModelArgs, load_config
+from .models.config import JSON_MAX_BYTES, ModelArgs, load_config
 from .models.model import Model
+from .paths import regular_file
 from .processor import Processor, SlowLlamaEncoder
 from .staging import staged_directory
 
@@ -61,13 +62,12 @@ def _hub_model(repo_id: str) -> Path:
     return target
 
 
-def check_output(path: Union[str, Path], *inputs: Path) -> None:
-    """Refuse an output directory that is one of the command's inputs: writing would destroy it."""
-    target = Path(path).resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if target == source:
-            raise CuMoError(f"{path} would overwrite {source}, an input of this command", "choose another output directory")
+def _check_files(paths: list, max_bytes: Optional[int] = None) -> None:
+    """A model directory's files are regular files (a FIFO would block the read forever); a directory
+    in their place fails where it is read, as any unreadable file does."""
+    for path in paths:
+        if not path.is_dir():
+            regular_file(path, path.name, max_bytes, CheckpointError)
 
 
 def compute_dtype(dtype: Optional[str]) -> Optional[mx.Dtype]:
@@ -94,8 +94,10 @@ def load_model(model_path: Path, lazy: bool = False, dtype: Optional[str] = None
             f"convert it first: cumo-mlx convert --hf-path {model_path} --mlx-path <output>",
         )
     args = ModelArgs.from_dict(config, model_path)
-    if not list(model_path.glob("model*.safetensors")):
+    weights = list(model_path.glob("model*.safetensors"))
+    if not weights:
         raise CheckpointError(f"no model*.safetensors in {model_path}", "convert or re-download the model")
+    _check_files(weights)
     try:
         model, _ = mlx_lm_load_model(model_path, lazy=True, get_model_classes=lambda config: (Model, ModelArgs))
         if (target := compute_dtype(dtype)) is not None:
@@ -112,6 +114,8 @@ def load_model(model_path: Path, lazy: bool = False, dtype: Optional[str] = None
 def load_processor(model_path: Path, args: ModelArgs) -> Processor:
     if not any((model_path / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"no tokenizer files in {model_path}", "copy tokenizer.model or tokenizer.json into it")
+    _check_files([model_path / name for name in hub.TOKENIZER_FILES if (model_path / name).exists()], JSON_MAX_BYTES)
+    _check_sentencepiece(model_path / "tokenizer.model")
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -128,7 +132,40 @@ def load_processor(model_path: Path, args: ModelArgs) -> Processor:
         raise CheckpointError(f"cannot load the tokenizer in {model_path}: {e}", "check the tokenizer files") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    _check_vocabulary(model_path, tokenizer, encoder, args.text_config.vocab_size)
+    # The context check is ours (`generate.context_length`); the tokenizer's limit would only warn
+    # "Token indices sequence length is longer than ..." on stderr for a long text.
+    tokenizer._tokenizer.model_max_length = sys.maxsize
     return Processor(tokenizer, args, encoder)
+
+
+def _check_sentencepiece(model_file: Path) -> None:
+    """A tokenizer.model that SentencePiece cannot read is reported as such (transformers would go on
+    to try it as a tiktoken file and say "tiktoken is required")."""
+    if not model_file.is_file():
+        return  # (none, or a directory: the tokenizer's loading reports that)
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_proto=model_file.read_bytes())
+    except Exception:
+        raise CheckpointError(
+            f"{model_file} is not a SentencePiece tokenizer model (corrupt or truncated)",
+            "copy the checkpoint's tokenizer.model again",
+        ) from None
+
+
+def _check_vocabulary(model_path: Path, tokenizer, encoder: Optional[SlowLlamaEncoder], vocab_size: int) -> None:
+    """Every id the tokenizer can give must index the embedding: MLX does not check a lookup's
+    indices, so a larger tokenizer would read past the table."""
+    size = len(tokenizer._tokenizer)
+    if encoder is not None:
+        size = max(size, encoder.sp.get_piece_size(), max(encoder.special_tokens.values(), default=-1) + 1)
+    if size > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {model_path} has {size} tokens, more than the model's vocabulary of {vocab_size}",
+            "use the tokenizer files the model was trained with",
+        )
 
 
 def _slow_llama_encoder(model_path: Path, tokenizer) -> Optional[SlowLlamaEncoder]:

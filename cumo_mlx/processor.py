@@ -25,10 +25,12 @@ from PIL import Image, ImageOps
 
 from .errors import CuMoError, ImageError
 from .models.config import ModelArgs, VisionConfig
+from .paths import regular_file
 from .prompt import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 
 URL_TIMEOUT_S = 20
 URL_MAX_BYTES = 50 * 1024 * 1024
+IMAGE_MAX_BYTES = 1 << 30  # a local file; its pixels are bounded apart (PIL's decompression bomb limit)
 
 ImageSource = Union[str, Path, Image.Image]
 
@@ -106,12 +108,10 @@ def load_image(source: ImageSource) -> Image.Image:
     elif "://" in name:
         raise ImageError(f"unsupported image URL scheme in {name}", "use a file path or an http(s) URL")
     else:
-        path = Path(os.path.expanduser(name))  # (Path.expanduser raises for "~nobody")
-        if not os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
+        path = os.path.expanduser(name)  # (Path.expanduser raises for "~nobody")
+        if path and not os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
             raise ImageError(f"image file not found: {name}", "check the path")
-        if path.is_dir():
-            raise ImageError(f"{name} is a directory, not an image", "give an image file")
-        data = path
+        data = regular_file(path, "image", IMAGE_MAX_BYTES, ImageError)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -8,6 +8,7 @@ The templates are the original's (SHI-Labs/CuMo: cumo/conversation.py).
 The placeholder text, its id in prompt ids and the label of unsupervised positions are cumo/constants.py's.
 """
 
+import operator
 from typing import Sequence, Union
 
 import numpy as np
@@ -35,6 +36,27 @@ def check_placeholders(prompt: Union[str, Sequence[int]], num_images: int) -> No
         fix = f"give one image per {IMAGE_PLACEHOLDER}"
     if found != num_images:
         raise CuMoError(f"the prompt has {found} {what} but {num_images} image(s) were given", fix)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """Prompt ids given as such, as a list of ints: CuMoError for one that is not an integer or lies
+    outside the vocabulary (other than IMAGE_TOKEN_INDEX). The embedding lookup does not check its
+    indices: an id past the table reads other memory or crashes the process."""
+    checked = []
+    for i in ids:
+        try:
+            if isinstance(i, (bool, np.bool_)):
+                raise TypeError
+            checked.append(operator.index(i))
+        except TypeError:
+            raise CuMoError(f"prompt id {i!r} is not an integer", "give token ids as integers") from None
+    outside = sorted({i for i in checked if not 0 <= i < vocab_size and i != IMAGE_TOKEN_INDEX})
+    if outside:
+        raise CuMoError(
+            f"prompt id(s) {', '.join(map(str, outside[:5]))} outside the vocabulary of {vocab_size} tokens",
+            f"give ids in 0..{vocab_size - 1}, or {IMAGE_TOKEN_INDEX} for an image",
+        )
+    return checked
 
 
 def with_image_placeholders(text: str, num_images: int) -> str:

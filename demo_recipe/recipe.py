@@ -214,8 +214,8 @@ def main():
         print(f"[{name}] {timings[name]} s", flush=True)
 
     step("data", (train_data / "instruct.json").is_file() and (heldout / "questions.json").is_file(), lambda: (
-        run("data", "shapes", "--out", train_data, "--count", recipe["train_images"], "--seed", 0, *recipe["train_data_args"]),
-        run("data", "shapes", "--out", heldout, "--count", recipe["heldout_images"], "--seed", 1),
+        run("data", "shapes", "--out", train_data, "--count", recipe["train_images"], "--seed", 0, *recipe["train_data_args"], "--force"),
+        run("data", "shapes", "--out", heldout, "--count", recipe["heldout_images"], "--seed", 1, "--force"),
     ))
 
     def make_init():
@@ -255,7 +255,7 @@ def main():
     step("evaluate", False, make_evaluation)
     step("experts", False, lambda: run(
         "experts", "--model", stage3, "--data", heldout / "instruct.json", "--image-folder", heldout,
-        "--out", work / "heatmap.png", "--json", work / "routes.json"))
+        "--out", work / "heatmap.png", "--json", work / "routes.json", "--force"))  # (rerun every time)
     if options.ship:
         write_timings(work, recipe, timings)  # the model card quotes them
         step("ship", False, lambda: ship(stage3, work))

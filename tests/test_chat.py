@@ -5,7 +5,8 @@ import mlx.core as mx
 import pytest
 from cumo_mlx.generate import ChatSession
 from cumo_mlx.prompt import IMAGE_TOKEN_INDEX, chat_prompt, image_layout, user_turn
-from test_generate import QUESTION, greedy, images, loaded, model_dir, run_cli  # noqa: F401  (fixtures)
+from cumo_mlx.errors import CuMoError
+from test_generate import QUESTION, greedy, images, loaded, model_dir, run_cli, short_context_dir  # noqa: F401  (fixtures)
 
 SECOND = "What colour is the circle?"
 
@@ -119,6 +120,18 @@ def test_interrupted_turns_leave_the_cache_matching_the_conversation(loaded, ima
     assert tokens == fresh_answer(loaded, session.ids[:-6], features, max_tokens=6)
 
 
+def test_a_turn_past_the_context_counts_the_earlier_turns(short_context_dir):
+    """Context 110: the first turn (100 prompt ids) fits; the second would fit alone, not after it."""
+    model, processor = cumo_mlx.load(short_context_dir)
+    session = ChatSession(model, processor)
+    answer(session, QUESTION, max_tokens=3)
+    before = (list(session.ids), session.length)
+    assert len(session.turn_ids(SECOND)) < 110 - 3 < before[1] + len(session.turn_ids(SECOND))
+    with pytest.raises(CuMoError, match=f"after {before[1]} earlier tokens of the conversation, over the model's context of 110"):
+        answer(session, SECOND, max_tokens=3)
+    assert (session.ids, session.length) == before and cache_lengths(session) == {session.length}
+
+
 def test_chat_cli(model_dir, loaded, images):
     model, processor = loaded
     script = f"/image {images[0]}\n{QUESTION}\n\n{SECOND}\n/reset\nhello there\n/exit\nnever read\n"
@@ -162,3 +175,63 @@ def test_chat_cli_bad_input(model_dir, images, tmp_path):
     assert "image file not found" in errors[0] and "unknown command /frobnicate" in errors[1]
     assert "1 <image> placeholder(s) but 0 image(s)" in errors[2] and "/image needs an image" in errors[3]
     assert len(out.splitlines()) == 1 and out.strip()  # the one good question was answered
+
+
+def test_chat_cli_reset_keeps_the_image_flag(model_dir, loaded, images):
+    """/reset starts over with the --image image(s): they go with the new conversation's first message."""
+    model, processor = loaded
+    script = f"{QUESTION}\n/reset\n{QUESTION}\n"
+    code, out, err = run_cli("chat", "--model", model_dir, "--image", images[1], "--temp", 0, "--max-tokens", 6,
+                             input=script)  # fmt: skip
+    assert code == 0, err
+    session = ChatSession(model, processor)
+    session.add_image(images[1])
+    with_image = answer(session, QUESTION, max_tokens=6)[1]
+    assert out == with_image + "\n" + with_image + "\n"  # the same answer: the image is there again
+    assert "go with your next message" in err and "error" not in err
+
+
+def test_a_repeated_image_is_encoded_once_through_the_vision_cache(loaded, images):
+    from PIL import Image
+
+    model, processor = loaded
+    session = ChatSession(model, processor)
+    session.add_image(images[0])
+    answer(session, QUESTION, max_tokens=3)
+    session.add_image(str(images[0]))  # the same pixels: a path as a string, then as a PIL image
+    session.add_image(Image.open(images[0]))
+    answer(session, "Compare <image> with <image>.", max_tokens=3)
+    assert (session.vision_cache.misses, session.vision_cache.hits) == (1, 2) and len(session.vision_cache) == 1
+
+
+def test_answers_are_the_same_with_and_without_the_vision_cache(loaded, images):
+    from cumo_mlx.vision_cache import VisionCache
+
+    cache = VisionCache()
+    without = cumo_mlx.generate(*loaded, "Compare <image> with <image>.", images, **greedy(max_tokens=8))
+    for _ in range(2):  # encoded, then from the cache
+        assert cumo_mlx.generate(*loaded, "Compare <image> with <image>.", images, vision_cache=cache,
+                                 **greedy(max_tokens=8)) == without  # fmt: skip
+    assert (cache.misses, cache.hits) == (2, 2)
+    session, uncached = ChatSession(*loaded), ChatSession(*loaded, vision_cache=VisionCache(max_bytes=0))
+    for chat in (session, uncached):
+        chat.add_image(images[1])
+    assert answer(session, QUESTION, max_tokens=8) == answer(uncached, QUESTION, max_tokens=8)
+    assert len(uncached.vision_cache) == 0
+
+
+def test_an_image_file_changed_on_disk_is_encoded_again(loaded, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    model, processor = loaded
+    path = tmp_path / "changing.png"
+    rng = np.random.default_rng(1)
+    session = ChatSession(model, processor)
+    features = []
+    for _ in range(2):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)  # the same name, new pixels
+        session.add_image(path)
+        features.append(session.pending[-1])
+    assert (session.vision_cache.misses, session.vision_cache.hits) == (2, 0)
+    assert not mx.array_equal(features[0], features[1])

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,10 @@ for command, flag in {"train": "--stage", "convert": "--dtype", "experts": "--te
     rows(command, f"{flag} not a choice", "is not one of", set={flag: "bogus"})
 rows("convert", "--q-bits not a choice", "is not one of", set={"--q-bits": "5"})
 rows("convert", "--q-group-size not a choice", "is not one of", set={"--q-group-size": "48"})
+rows("convert", "--q-bits without -q", "--q-bits has no effect without --quantize", add=["--q-bits", "8"])
+rows("convert", "--q-group-size without -q", "--q-group-size has no effect without --quantize", add=["--q-group-size", "32"])
+rows("generate, chat", "--kv-bits: no group size divides the head size", "leave out kv_bits", set={"--kv-bits": "4"})
+rows("generate, chat", "--kv-group-size without --kv-bits", "kv_group_size has no effect without kv_bits", set={"--kv-group-size": "32"})
 rows("train", "--fine-tune-type not a choice", "is not one of", set={"--fine-tune-type": "dora"})
 rows("serve", "--port without its value", "requires an argument", add=["--port"])
 rows("serve", "--port out of range", "is not in the range", set={"--port": "70000"})
@@ -159,11 +164,15 @@ for case, (value, fragment) in MODEL_CASES.items():
             continue  # they copy the tokenizer files, never load them
         rows(command, f"model: {case}", fragment, set={MODEL_FLAG[command]: value})
 rows("generate, chat, experts", "model: config.json unreadable", "Permission denied", unreadable="{model}/config.json")
+rows("generate, chat", "model: tokenizer larger than the embedding", "more than the model's vocabulary", set={"--model": "{m}/tokenizer-larger"})
+rows("generate, chat", "model: tokenizer.model corrupt", "is not a SentencePiece tokenizer model", set={"--model": "{m}/tokenizer-corrupt"})
 
 # -- data files (train, experts) ------------------------------------------------------------------
 DATA_CASES = {
     "missing file": ("{tmp}/nowhere.json", "data file not found"),
-    "a directory": ("{files}", "data file not found"),
+    "a directory": ("{files}", "is a directory, not a data file"),
+    "a FIFO": ("{files}/fifo", "is a pipe, device or socket"),
+    "image symlinked out of the folder": ("{files}/linked.json", "no usable samples"),
     "empty file": ("{files}/empty.json", "holds no samples"),
     "not JSON": ("{files}/not-json.json", "is not valid JSON"),
     "not UTF-8": ("{files}/latin1.json", "cannot read"),
@@ -277,13 +286,29 @@ TRAIN_OPTIONS = {
     "-c lora scale not a number": ({}, "lora_parameters.scale and rank must be numbers"),
     "-c lora scale without rank": ({}, "lora_parameters.scale needs lora_parameters.rank"),
     "-c unreadable": ({}, "Permission denied"),
+    "--seed negative": ({"--seed": "-1"}, "--seed must be in [0, 4294967295]"),
+    "--seed of 20 digits": ({"--seed": "12345678901234567890"}, "--seed must be in [0, 4294967295]"),
+    "--epochs inf": ({"--iters": None, "--epochs": "inf"}, "--epochs must be positive and finite"),
+    "--epochs nan": ({"--iters": None, "--epochs": "nan"}, "--epochs must be positive and finite"),
+    "--max-seq-length 0": ({"--max-seq-length": "0"}, "--max-seq-length must be at least 2"),
+    "--lora-layers -2": ({"--lora-layers": "-2"}, "--lora-layers must be positive, or -1 for all"),
+    "--max-grad-norm inf": ({"--max-grad-norm": "inf"}, "--max-grad-norm must be non-negative and finite"),
+    "-c a fraction for a whole number": ({}, "--batch-size must be a whole number, not 2.5"),
+    "-c a list for a number": ({}, "--seed must be a whole number, not [1]"),
+    "-c a mapping for a number": ({}, "--epochs must be a number, not {'a': 1}"),
+    "-c true for a number": ({}, "--iters must be a whole number, not True"),
+    "-c lora_parameters a list": ({}, "lora_parameters must be a mapping"),
+    "every answer past --max-seq-length": ({"--max-seq-length": "2"}, "nothing was trained"),
+    "every image unreadable": ({"--data": "{files}/unreadable-images.json", "--image-folder": "{files}"}, "nothing was trained"),
 }
 YAML = {
     "-c missing": "{tmp}/nowhere.yaml", "-c a directory": "{files}", "-c not YAML": "{files}/not-yaml.yaml",
     "-c not UTF-8": "{files}/latin1.yaml", "-c a list": "{files}/list.yaml", "-c unknown key": "{files}/typo.yaml",
     "-c value of the wrong type": "{files}/wrong-type.yaml", "-c python object tag": "{files}/python-tag.yaml",
     "-c lora scale not a number": "{files}/lora-scale.yaml", "-c lora scale without rank": "{files}/lora-no-rank.yaml",
-    "-c unreadable": "{files}/typo.yaml",
+    "-c unreadable": "{files}/typo.yaml", "-c a fraction for a whole number": "{files}/fraction.yaml",
+    "-c a list for a number": "{files}/list-number.yaml", "-c a mapping for a number": "{files}/mapping-number.yaml",
+    "-c true for a number": "{files}/bool-number.yaml", "-c lora_parameters a list": "{files}/lora-list.yaml",
 }  # fmt: skip
 for case, (values, fragment) in TRAIN_OPTIONS.items():
     rows("train", case, fragment, set=values, add=["-c", YAML[case]] if case in YAML else [],
@@ -355,6 +380,21 @@ rows("experts", "--max-samples 0", "is not in the range", add=["--max-samples", 
 rows("experts", "--json unwritable", "Permission denied", add=["--json", "{tmp}/routes.json"], unreadable="{tmp}/routes.json")
 rows("experts", "model without MoE layers", "no MoE layers", set={"--model": "{dense}"})
 
+# -- special files, overwrites (issue 32; the data rows above hold FIFOs and symlinks out) ----------
+rows("generate, chat", "image: a FIFO", "is a pipe, device or socket", add=["--image", "{files}/fifo"])
+rows("generate, chat", "image: an empty path", "the image path is empty", add=["--image", ""])
+rows("train", "-c a FIFO", "is a pipe, device or socket", add=["-c", "{files}/fifo"])
+rows("train", "-c an empty path", "the config file path is empty", add=["-c", ""])
+rows("generate, chat, experts", "model: weights a FIFO", "is a pipe, device or socket", set={"--model": "{m}/weights-fifo"})
+rows("generate, chat, experts", "model: tokenizer a FIFO", "is a pipe, device or socket", set={"--model": "{m}/tokenizer-fifo"})
+rows("convert", "checkpoint: tensors that overlap", "overlap", set={"--hf-path": "{s}/overlap"})
+rows("upcycle, fuse", "--mlx-path exists", "already exists", set={"--mlx-path": "{files}/existing"})
+rows("data shapes", "--out holds files", "already exists", set={"--out": "{files}/existing"})
+rows("experts", "--json exists", "already exists", add=["--json", "{files}/notes.txt"])
+rows("experts", "--json is the --data file", "an input of this command", add=["--json", "{data}", "--force"])
+rows("experts", "--out is the --data file", "an input of this command", add=["--out", "{data}", "--force"])
+rows("convert", "--force onto a mount point", "cannot be replaced", set={"--mlx-path": "/"}, add=["--force"])
+
 
 # ---------------------------------------------------------------------------------------------
 # The files the rows use
@@ -417,12 +457,32 @@ MODEL_VARIANTS = {
     "model-file": dict(config=changed(model_file="evil.py"), edit=lambda d: (d / "evil.py").write_text("raise SystemExit(3)\n")),
     "no-tokenizer": dict(edit=lambda d: [(d / n).unlink() for n in ("tokenizer.model", "tokenizer_config.json")]),
     "tokenizer-config-not-json": dict(edit=lambda d: (d / "tokenizer_config.json").write_text("{oops")),
+    "weights-fifo": dict(edit=lambda d: ((d / "model.safetensors").unlink(), os.mkfifo(d / "model.safetensors"))),
+    "tokenizer-fifo": dict(edit=lambda d: ((d / "tokenizer_config.json").unlink(), os.mkfifo(d / "tokenizer_config.json"))),
+    "tokenizer-corrupt": dict(edit=lambda d: (d / "tokenizer.model").write_bytes(b"not a sentencepiece model" * 9)),
+    "tokenizer-larger": dict(edit=lambda d: (d / "tokenizer_config.json").write_text(json.dumps({  # an id past the embedding
+        **json.loads((d / "tokenizer_config.json").read_text()),
+        "added_tokens_decoder": {"700": {"content": "<big>", "special": True}}}))),  # fmt: skip
 }
 
 
 def header(entries: dict) -> bytes:
     blob = json.dumps(entries).encode() if isinstance(entries, dict) else entries
     return len(blob).to_bytes(8, "little") + blob
+
+
+def overlapping(path: Path) -> bytes:
+    """The safetensors file at `path` with its second tensor's offsets moved onto the first's bytes."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    entries = json.loads(data[8 : 8 + n])
+    first, second = [name for name in entries if name != "__metadata__"][:2]
+    begin = entries[first]["data_offsets"][0]
+    size = entries[second]["data_offsets"][1] - entries[second]["data_offsets"][0]
+    entries[second]["data_offsets"] = [begin, begin + size]
+    blob = json.dumps(entries, separators=(",", ":")).encode()
+    assert len(blob) <= n  # the same header length: the offsets still count from the same byte
+    return data[:8] + blob.ljust(n) + data[8 + n :]
 
 
 SOURCE_VARIANTS = {  # checkpoint directories to convert (MLX-named weights: the failures come first)
@@ -442,6 +502,7 @@ SOURCE_VARIANTS = {  # checkpoint directories to convert (MLX-named weights: the
     "index-not-json": dict(edit=lambda d: (d / "model.safetensors.index.json").write_text("{oops")),
     "index-outside": dict(edit=lambda d: (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../model.safetensors"}}))),
     "no-tokenizer": dict(edit=lambda d: [(d / n).unlink() for n in ("tokenizer.model", "tokenizer_config.json")]),
+    "overlap": dict(edit=weights(overlapping)),
 }
 
 ADAPTER_CONFIGS = {
@@ -463,6 +524,11 @@ YAML_FILES = {
     "python-tag.yaml": b"!!python/object/apply:os.system ['touch PWNED']\n",
     "lora-scale.yaml": b"lora_parameters: {rank: 2, scale: big}\n",
     "lora-no-rank.yaml": b"lora_parameters: {scale: 2.0}\n",
+    "fraction.yaml": b"batch_size: 2.5\n",
+    "list-number.yaml": b"seed: [1]\n",
+    "mapping-number.yaml": b"epochs: {a: 1}\n",
+    "bool-number.yaml": b"iters: true\n",
+    "lora-list.yaml": b"lora_parameters: [1]\n",
 }
 
 
@@ -509,13 +575,20 @@ def paths(tmp_path_factory, tiny_mlx_model_dir):
         "no-conversations.json": b'[{"id": 1, "image": "red.png"}]',
         "escapes.json": json.dumps([{"image": n, "conversations": conversation} for n in ("../red.png", "/etc/passwd")]).encode(),
         "surrogates.json": b'[{"conversations": [{"from": "human", "value": "\\ud800 hi"}, {"from": "gpt", "value": "x"}]}]',
+        "unreadable-images.json": json.dumps([{"image": n, "conversations": conversation} for n in ("notes.png", "empty.png", "truncated.jpg")]).encode(),
     }.items():
         (files / name).write_bytes(content)
     for name, content in YAML_FILES.items():
         (files / name).write_bytes(content)
+    os.mkfifo(files / "fifo")  # read, it would block until a writer came: every reader must refuse it
+    (files / "existing").mkdir()
+    (files / "existing" / "keep.txt").write_text("an earlier output\n")
+    Image.new("RGB", (8, 8)).save(files / "outside.png")
+    (files / "linked.json").write_text(json.dumps([{"image": "escape.png", "conversations": conversation}]))
 
     images = root / "images"
     names = write_images(images)
+    (images / "escape.png").symlink_to(files / "outside.png")  # in the image folder by name, outside in fact
     data = write_dataset(root, instruct_samples(names))
     dense = write_mlx_model(root / "dense", tiny_config(clip_smoe=False, connector="mlp2x_gelu"))
     adapters = root / "adapters"
@@ -553,6 +626,20 @@ def refuse(monkeypatch, target: str) -> None:
 
 
 @pytest.fixture
+def deadline():
+    """A read that blocks (of a FIFO) fails its row instead of hanging the suite."""
+
+    def expired(*_):
+        raise TimeoutError("the command blocked for 300 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(300)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty Hugging Face cache and conversion cache: hub ids are not there, and we are offline."""
     from huggingface_hub import constants
@@ -564,7 +651,7 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.command}: {r.case}" for r in ROWS])
-def test_bad_input(row, paths, tmp_path, monkeypatch, offline_hub):
+def test_bad_input(row, paths, tmp_path, monkeypatch, offline_hub, deadline):
     names = {**paths, "tmp": tmp_path}
     if row.unreadable:
         refuse(monkeypatch, row.unreadable.format(**names))
@@ -657,6 +744,15 @@ API_ROWS = {  # case: (call(api, paths), error type, message fragment)
     "generate: max_tokens 0": (lambda a, p: a.generate(*a.loaded, "hi", max_tokens=0), "CuMoError", "max_tokens"),
     "generate: temp nan": (lambda a, p: a.generate(*a.loaded, "hi", temp=float("nan")), "CuMoError", "temp"),
     "generate: top_p 0": (lambda a, p: a.generate(*a.loaded, "hi", top_p=0.0), "CuMoError", "top_p"),
+    "generate: prompt id past the vocabulary": (lambda a, p: a.generate(*a.loaded, [1, 100000, 5]), "CuMoError", "outside the vocabulary"),
+    "generate: negative prompt id": (lambda a, p: a.generate(*a.loaded, [1, -1, 5]), "CuMoError", "outside the vocabulary"),
+    "generate: prompt id a float": (lambda a, p: a.generate(*a.loaded, [1, 2.5]), "CuMoError", "is not an integer"),
+    "generate: max_tokens 2.5": (lambda a, p: a.generate(*a.loaded, "hi", max_tokens=2.5), "CuMoError", "max_tokens must be an integer"),
+    "generate: max_tokens True": (lambda a, p: a.generate(*a.loaded, "hi", max_tokens=True), "CuMoError", "max_tokens must be an integer"),
+    "generate: temp a string": (lambda a, p: a.generate(*a.loaded, "hi", temp="hot"), "CuMoError", "temp must be a number"),
+    "generate: logit_bias past the vocabulary": (lambda a, p: a.generate(*a.loaded, "hi", logit_bias={10**6: 1.0}), "CuMoError", "outside the vocabulary"),
+    "generate: logit_bias not a mapping": (lambda a, p: a.generate(*a.loaded, "hi", logit_bias=[1]), "CuMoError", "logit_bias must map"),
+    "ChatSession: max_tokens 2.5": (lambda a, p: list(a.ChatSession(*a.loaded).stream("hi", max_tokens=2.5)), "CuMoError", "max_tokens must be an integer"),
     "generate: kv_group_size vs head size": (lambda a, p: a.generate(*a.loaded, "hi", kv_bits=4, kv_group_size=32), "CuMoError", "does not divide"),
     "generate: past the context": (lambda a, p: a.generate(*a.loaded, "red " * 5000), "CuMoError", "over the model's context"),
     "stream_generate: past the context": (lambda a, p: list(a.stream_generate(*a.loaded, "red " * 5000)), "CuMoError", "over the model's context"),

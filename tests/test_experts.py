@@ -128,6 +128,25 @@ def test_bad_inputs_give_one_error_line(tiny_mlx_model_dir, shapes_data, tmp_pat
     assert_one_error_line(code, stderr)
 
 
+def test_outputs_never_overwrite_the_data_or_an_existing_file_without_force(tiny_mlx_model_dir, shapes_data, tmp_path):
+    data = tmp_path / "instruct.json"
+    data.write_bytes((shapes_data / "instruct.json").read_bytes())
+    before = data.read_bytes()
+    base = ["experts", "--model", tiny_mlx_model_dir, "--data", data, "--image-folder", shapes_data, "--max-samples", 2]
+    for option in ("--json", "--out"):
+        for force in ([], ["--force"]):
+            code, _, stderr = run_cli(*base, option, data, *force)
+            assert "an input of this command" in assert_one_error_line(code, stderr)
+            assert data.read_bytes() == before
+    (tmp_path / "routes.json").write_text("earlier\n")
+    code, _, stderr = run_cli(*base, "--json", tmp_path / "routes.json")
+    assert "already exists" in assert_one_error_line(code, stderr)
+    assert (tmp_path / "routes.json").read_text() == "earlier\n"
+    code, _, stderr = run_cli(*base, "--json", tmp_path / "routes.json", "--force")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "routes.json").read_text())["samples"] == 2
+
+
 def test_a_model_without_moe_is_refused(tmp_path, shapes_data):
     dense = write_mlx_model(tmp_path / "dense", tiny_config(clip_smoe=False, connector="mlp2x_gelu"))
     code, _, stderr = run_cli("experts", "--model", dense, "--data", shapes_data / "instruct.json")

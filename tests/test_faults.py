@@ -313,7 +313,7 @@ def test_model_writers_disk_full_keep_the_previous_output(tmp_path, train_work, 
     before = files(tmp_path / "out")
     for failure in (mlx_write_failure, no_space):
         monkeypatch.setattr(mlx_lm_utils.mx, "save_safetensors", failure)
-        code, _, err = run_cli(*args)
+        code, _, err = run_cli(*args, "--force")  # over the previous output, as the user asked
         assert f"cannot write the model to {tmp_path / 'out'}" in assert_one_error_line(code, err)
         assert files(tmp_path / "out") == before  # no temporary folder left either
         monkeypatch.undo()

@@ -12,7 +12,8 @@ example has a deadline).
 - the restricted unpickler: any bytes, any picklable data, torch zip checkpoints with bytes flipped
   anywhere, inside the pickle, or cut off (and torch's own weights_only loader on the same files);
   tensors that load are read too;
-- safetensors headers with any entries.
+- safetensors headers with any entries, and with valid entries whose bytes may overlap (refused if they do);
+- any path given as a file to read (text, FIFOs, devices, folders): an image read in time, or our error.
 
 Examples are derandomized (the same every run, no database written) and few enough for CI (~15 s).
 One-off runs of 1500 random examples per test found the damaged-archive errors and the memory bomb
@@ -22,6 +23,7 @@ One-off runs of 1500 random examples per test found the damaged-archive errors a
 import io
 import json
 import math
+import os
 import pickle
 import struct
 import sys
@@ -362,3 +364,67 @@ def test_safetensors_headers(header, body):
     found = ours_or_success(lambda: checkpoint.read_safetensors(path))
     for entry in (found or {}).values():
         assert entry.read().shape == entry.shape and math.prod(entry.shape) >= 0
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10), st.integers(0, 4)), min_size=1, max_size=5))
+def test_safetensors_tensors_never_share_bytes(spans):
+    """Tensors at any offsets in a 64-byte body: read only when no two of them share a byte."""
+    header = {f"t{i}": {"dtype": "F32", "shape": [n], "data_offsets": [4 * at, 4 * (at + n)]} for i, (at, n) in enumerate(spans)}
+    blob = json.dumps(header).encode()
+    path = scratch_file(struct.pack("<Q", len(blob)) + blob + bytes(64), "model.safetensors")
+    found = ours_or_success(lambda: checkpoint.read_safetensors(path))
+    words = [set(range(at, at + n)) for at, n in spans]
+    overlap = any(a & b for i, a in enumerate(words) for b in words[i + 1 :])
+    assert (found is None) == overlap
+
+
+SPECIAL_PATHS = ["", " ", "/dev/stdin", "/dev/zero", "/dev/null", "/", ".", "~", "/proc/self/fd/0", str(SCRATCH / "fifo")]
+
+
+@FUZZ
+@given(st.sampled_from(SPECIAL_PATHS) | st.text(max_size=30))
+def test_any_path_as_an_image_file(path):
+    """Any path is read in time (a FIFO or a device would block forever) or refused with our error."""
+    if not os.path.exists(SCRATCH / "fifo"):
+        os.mkfifo(SCRATCH / "fifo")
+    image = ours_or_success(lambda: load_image(path))
+    assert image is None or image.mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation arguments: prompt ids and options as the Python API takes them
+# ---------------------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(st.lists(st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([-200, 0, 1, 399, 400]), json_scalars), max_size=8),
+       st.integers(0, 2))  # fmt: skip
+def test_any_prompt_ids(processor, ids, num_images):
+    """Prompt ids either pass as ints inside the vocabulary (or image placeholders) or are our error."""
+    from cumo_mlx.generate import prompt_ids
+
+    vocabulary = processor.args.text_config.vocab_size
+    checked = ours_or_success(lambda: prompt_ids(processor, ids, num_images))
+    if checked is not None:
+        assert all(type(i) is int and (0 <= i < vocabulary or i == -200) for i in checked)
+        assert checked == [int(i) for i in ids]
+
+
+OPTION_FIELDS = ("max_tokens", "temp", "top_p", "min_p", "top_k", "repetition_penalty", "repetition_context_size",
+                 "logit_bias", "max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start", "prefill_step_size")  # fmt: skip
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(OPTION_FIELDS), json_values | st.dictionaries(st.integers(-5, 5), json_scalars), max_size=3))
+def test_any_generation_options(values):
+    """GenerationOptions of any values is made with ints where counts go and finite numbers where
+    numbers go, or raises our error (a float max_tokens generated without bound)."""
+    from cumo_mlx.generate import INT_OPTIONS, GenerationOptions
+
+    options = ours_or_success(lambda: GenerationOptions(**values))
+    if options is not None:
+        for name in INT_OPTIONS:
+            value = getattr(options, name)
+            assert value is None or (isinstance(value, int) and not isinstance(value, bool))
+        assert isinstance(options.temp, (int, float)) and math.isfinite(options.temp)

@@ -26,7 +26,7 @@ from cumo_mlx.loader import save
 from cumo_mlx.prompt import IMAGE_TOKEN_INDEX, chat_prompt
 from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 from PIL import Image
-from tiny_models import tiny_config, write_mlx_model
+from tiny_models import tiny_config, write_text_model
 
 QUESTION = "What shape is this?"
 generation = importlib.import_module("cumo_mlx.generate")  # the module: `cumo_mlx.generate` is the function
@@ -41,20 +41,6 @@ def run_cli(*args, input=None):
 
 def cli_command():
     return [sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()"]
-
-
-def write_text_model(directory: Path, config: dict) -> Path:
-    """A tiny CuMo whose LM head cannot pick special or byte-fallback pieces (their rows are 0):
-    greedy answers are valid text that never ends on its own (tests force `</s>` where needed)."""
-    write_mlx_model(directory, config)
-    model, processor = cumo_mlx.load(directory)
-    pieces = processor.tokenizer.convert_ids_to_tokens(list(range(config["vocab_size"])))
-    blocked = mx.array([i for i, piece in enumerate(pieces) if i < 3 or piece.startswith("<0x")])
-    weight = model.language_model.lm_head.weight
-    weight[blocked] = 0
-    model.language_model.lm_head.weight = weight
-    save(directory, model, tokenizer_source=directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -435,3 +421,59 @@ def test_ctrl_c_with_json_prints_the_answer_so_far(model_dir, loaded, monkeypatc
     assert result["finish_reason"] == "interrupted"
     assert result["tokens"] and result["tokens"] == words[: len(result["tokens"])]
     assert result["text"] == processor.decode(result["tokens"])
+
+
+def test_prompt_ids_are_checked_against_the_vocabulary(loaded):
+    """MLX does not bounds-check the embedding lookup: an id past the vocabulary crashed the process."""
+    vocabulary = loaded[0].args.text_config.vocab_size
+    for ids, message in (([1, 100000, 5], "outside the vocabulary"), ([1, vocabulary], "outside the vocabulary"),
+                         ([1, -1], "outside the vocabulary"), ([1, 2.5], "is not an integer"),
+                         ([1, True], "is not an integer"), ([1, "5"], "is not an integer")):  # fmt: skip
+        with pytest.raises(CuMoError, match=message):
+            cumo_mlx.generate(*loaded, ids, max_tokens=2)
+    ok = [1, vocabulary - 1, np.int64(5), mx.array([7])[0]]  # numpy and MLX integers are integers
+    assert isinstance(cumo_mlx.generate(*loaded, ok, **greedy(max_tokens=2)), str)
+
+
+def test_option_types_are_checked():
+    """A float max_tokens generated without bound; every option has its type checked when made."""
+    GenerationOptions = generation.GenerationOptions
+    for option in generation.INT_OPTIONS:
+        for value in (2.5, True, "3"):
+            with pytest.raises(CuMoError, match=f"{option} must be an integer"):
+                GenerationOptions(**{option: value})
+    for option in generation.NUMBER_OPTIONS:
+        for value in ("0.5", False, None if option != "repetition_penalty" else [1]):
+            with pytest.raises(CuMoError, match=f"{option} must be a number"):
+                GenerationOptions(**{option: value})
+    for bias in ([1], {"a": 1.0}, {1: float("nan")}, {True: 1.0}):
+        with pytest.raises(CuMoError, match="logit_bias must map"):
+            GenerationOptions(logit_bias=bias)
+    assert GenerationOptions(max_tokens=np.int64(3), temp=1, logit_bias={np.int64(2): 1}).max_tokens == 3
+
+
+def test_kv_bits_picks_a_group_size_that_divides_the_head_size(tmp_path, images, loaded):
+    """mlx-lm's default group 64 does not divide a head size of 32: a group size not given is picked."""
+    config = tiny_config()
+    config.update(num_attention_heads=2, num_key_value_heads=1)  # head size 32
+    model_dir = write_text_model(tmp_path / "m", config)
+    model, processor = cumo_mlx.load(model_dir)
+    cache = make_prompt_cache(model.language_model)
+    list(cumo_mlx.stream_generate(model, processor, QUESTION, prompt_cache=cache, kv_bits=4, quantized_kv_start=0, max_tokens=3))
+    assert all(isinstance(layer, QuantizedKVCache) and layer.group_size == 32 for layer in cache)
+    code, _, err = run_cli("generate", "--model", model_dir, "--prompt", QUESTION, "--max-tokens", 3, "--kv-bits", 4,
+                             "--quantized-kv-start", 0)  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli("generate", "--model", model_dir, "--prompt", QUESTION, "--kv-bits", 4, "--kv-group-size", 64)
+    assert code == 2 and "kv_group_size 64 does not divide the model's attention head size 32" in err
+    with pytest.raises(CuMoError, match="divides the model's attention head size 16 .leave out kv_bits"):
+        cumo_mlx.generate(*loaded, QUESTION, kv_bits=4)  # head size 16: no group size fits
+
+
+def test_no_library_warning_on_a_long_prompt():
+    """transformers warns "Token indices sequence length is longer than ..." past the tokenizer's own
+    limit; the context check is ours, and stderr holds only its one line."""
+    command = cli_command() + ["generate", "--model", "demo", "--prompt", "red " * 600, "--max-tokens", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: the prompt is 640 tokens")

@@ -46,6 +46,18 @@ def test_wheel_ships_convert_and_cli_inside_the_package(wheel_files):
     assert top_level == {"cumo_mlx"}, f"unexpected top-level entries: {top_level}"
 
 
+def test_wheel_ships_every_subpackage_and_no_research_code(wheel_files):
+    """The product only: the demo recipe, its probes and the benchmarks stay in the repository."""
+    for package in ("models", "train", "batch", "serve", "eval", "convert", "cli"):
+        assert f"cumo_mlx/{package}/__init__.py" in wheel_files, package
+    assert "cumo_mlx/serve/static/index.html" in wheel_files
+    research = ("demo_model", "demo_config", "vision_pretraining", "binding_probe", "lookup_probe", "recipe", "harness")
+    shipped = {Path(name).stem for name in wheel_files if name.endswith(".py")}
+    assert not shipped & set(research), shipped & set(research)
+    top_modules = [name for name in wheel_files if name.count("/") == 1 and name.endswith(".py")]
+    assert len(top_modules) <= 14, top_modules  # the package's top level stays small: subpackages hold the rest
+
+
 def test_wheel_declares_console_script_and_platform_mlx(wheel):
     assert "cumo-mlx = cumo_mlx.cli.main:entry_point" in dist_info(wheel, "entry_points.txt")
     requires = [line for line in dist_info(wheel, "METADATA").splitlines() if line.startswith("Requires-Dist: mlx")]

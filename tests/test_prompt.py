@@ -18,9 +18,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import cumo_mlx
 import pytest
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+from tiny_models import tiny_config, write_mlx_model, write_tokenizer
+from transformers import AutoTokenizer
+
+import cumo_mlx
 from cumo_mlx.errors import CuMoError
 from cumo_mlx.prompt import (
     DEFAULT_SYSTEM,
@@ -30,9 +34,6 @@ from cumo_mlx.prompt import (
     user_turn,
     with_image_placeholders,
 )
-from sentencepiece import sentencepiece_model_pb2
-from tiny_models import tiny_config, write_mlx_model, write_tokenizer
-from transformers import AutoTokenizer
 
 IMAGE = -200
 SYSTEM_BLOCK = f"<<SYS>>\n{DEFAULT_SYSTEM}\n<</SYS>>\n\n"
@@ -110,6 +111,21 @@ def test_placeholder_check_on_prompt_ids():
     check_placeholders([1, 5], 0)
     with pytest.raises(CuMoError, match=r"1 image placeholder\(s\) but 0 image"):
         check_placeholders([1, IMAGE, 5], 0)
+
+
+def test_token_id_check():
+    """Ids given as such are ints inside the vocabulary or the image placeholder: the embedding lookup
+    does not check its indices."""
+    import numpy as np
+
+    from cumo_mlx.prompt import check_token_ids
+
+    assert check_token_ids([1, IMAGE, np.int64(9), 9], 10) == [1, IMAGE, 9, 9]
+    for ids, message in (([10], "prompt id\\(s\\) 10 outside the vocabulary of 10 tokens"), ([-1], "-1 outside"),
+                         ([-201], "outside"), ([2**70], "outside"), ([1.0], "1.0 is not an integer"),
+                         ([False], "False is not an integer"), ([None], "None is not an integer")):  # fmt: skip
+        with pytest.raises(CuMoError, match=message):
+            check_token_ids(ids, 10)
 
 
 # ---------------------------------------------------------------- the original's ids, re-implemented

@@ -16,13 +16,16 @@ two audited readers.
 """
 
 import ast
+import contextlib
 import http.server
 import io
 import json
 import os
 import pickle
 import shutil
+import signal
 import socketserver
+import subprocess
 import sys
 import threading
 import time
@@ -35,11 +38,13 @@ import pytest
 import torch
 from cli_util import assert_one_error_line, run_cli
 from click.testing import CliRunner
-from cumo_mlx import hub, processor
+from cumo_mlx import hub, paths, processor
 from cumo_mlx.cli.main import main as cli_main
+from cumo_mlx.cli.train import load_config_file
 from cumo_mlx.convert import checkpoint
-from cumo_mlx.errors import CheckpointError, ImageError
-from cumo_mlx.train.data import BadSample, check_sample
+from cumo_mlx.errors import CheckpointError, CuMoError, ImageError
+from cumo_mlx.models.config import load_config
+from cumo_mlx.train.data import BadSample, check_sample, read_records
 from cumo_mlx.train.trainer import TrainConfig, Trainer
 from PIL import Image
 from safetensors.torch import save_file
@@ -359,6 +364,97 @@ def test_dataset_image_paths_cannot_leave_the_image_folder(tmp_path, name):
     record = {"image": name.format(decoy=tmp_path / "decoy.png"), "conversations": CONVERSATION}
     with pytest.raises(BadSample, match="outside the image folder|not a file name|not found"):
         check_sample(record, 0, folder, "mistral_instruct_system")
+
+
+@pytest.mark.parametrize("link", ["escape.png", "door/decoy.png", "sub/up/decoy.png"])
+def test_a_symlink_in_the_image_folder_that_points_out_is_outside(tmp_path, link):
+    """Containment is judged on real paths: a link inside the folder to a file or folder outside is outside
+    (train, experts and the server's --allow-local-files all ask `paths.inside`)."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "decoy.png")
+    (folder / "escape.png").symlink_to(tmp_path / "decoy.png")
+    (folder / "door").symlink_to(tmp_path)
+    (folder / "sub" / "up").symlink_to(tmp_path)
+    with pytest.raises(BadSample, match="outside the image folder"):
+        check_sample({"image": link, "conversations": CONVERSATION}, 0, folder, "mistral_instruct_system")
+    (folder / "inner.png").symlink_to(folder / "sub" / "x.png")
+    Image.new("RGB", (4, 4)).save(folder / "sub" / "x.png")
+    assert check_sample({"image": "inner.png", "conversations": CONVERSATION}, 0, folder, "plain").images
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """A read that blocks (a FIFO with no writer) fails the test instead of hanging it."""
+
+    def expired(*_):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _model_with_fifo(tmp_path: Path, model: Path, name: str) -> Path:
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)
+    (copy / name).unlink()
+    os.mkfifo(copy / name)
+    return copy
+
+
+SPECIAL_FILE_READERS = {  # every place a user's file enters, given a FIFO
+    "image": lambda fifo, tmp, model: processor.load_image(fifo),
+    "data file": lambda fifo, tmp, model: read_records(fifo),
+    "training config": lambda fifo, tmp, model: load_config_file(None, None, str(fifo)),
+    "weight file to convert": lambda fifo, tmp, model: checkpoint.read_checkpoint([fifo]),
+    "model weights": lambda fifo, tmp, model: cumo_mlx.load(_model_with_fifo(tmp, model, "model.safetensors")),
+    "tokenizer file": lambda fifo, tmp, model: cumo_mlx.load(_model_with_fifo(tmp, model, "tokenizer_config.json")),
+    "config.json": lambda fifo, tmp, model: load_config(_model_with_fifo(tmp, model, "config.json")),
+}
+
+
+@pytest.mark.parametrize("reader", SPECIAL_FILE_READERS)
+def test_a_fifo_is_refused_where_each_file_enters_and_never_opened(tmp_path, tiny_mlx_model_dir, reader):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with deadline(60), pytest.raises(CuMoError, match="pipe, device or socket|no config.json"):
+        SPECIAL_FILE_READERS[reader](fifo, tmp_path, tiny_mlx_model_dir)
+
+
+@pytest.mark.parametrize("path, fragment", [("", "path is empty"), (" ", "path is empty"), ("/dev/stdin", "pipe, device or socket"),
+                                            ("/dev/zero", "pipe, device or socket"), ("/", "is a directory, not an image"),
+                                            ("/nowhere/x.png", "No such file"), ("a\0b", "cannot read")])  # fmt: skip
+def test_regular_file_names_what_is_wrong(path, fragment):
+    with deadline(60), pytest.raises(ImageError, match=fragment):
+        paths.regular_file(path, "image", error=ImageError)
+
+
+def test_regular_file_size_limit(tmp_path):
+    (tmp_path / "big.png").write_bytes(b"\0" * (3 << 20))
+    assert paths.regular_file(tmp_path / "big.png", "image", 3 << 20) == tmp_path / "big.png"
+    with pytest.raises(CuMoError, match="is 3 MB, over the 2 MB limit"):
+        paths.regular_file(tmp_path / "big.png", "image", 2 << 20)
+
+
+@pytest.mark.parametrize("source", ["fifo", "/dev/stdin"])
+def test_generate_with_a_special_file_as_image_fails_at_once(tmp_path, tiny_mlx_model_dir, source):
+    """A real process: stdin is a pipe nobody writes to, so reading it (or the FIFO) would never end."""
+    if source == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        source = str(tmp_path / "fifo")
+    argv = ["generate", "--model", str(tiny_mlx_model_dir), "--image", source, "--prompt", "What?", "--max-tokens", "2"]
+    process = subprocess.Popen([sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()", *argv],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 2 and err.strip().splitlines() == [err.strip()] and "pipe, device or socket" in err, err
 
 
 def test_training_never_opens_an_image_outside_the_folder(tmp_path, tiny_mlx_model_dir, monkeypatch):

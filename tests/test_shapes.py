@@ -263,6 +263,19 @@ def test_cli_writes_the_dataset(tmp_path):
     assert (tmp_path / "d" / "instruct.json").read_bytes() == (direct / "instruct.json").read_bytes()
 
 
+def test_cli_refuses_to_write_over_a_dataset_without_force(tmp_path):
+    assert run_cli("data", "shapes", "--out", tmp_path / "d", "--count", 3)[0] == 0
+    before = (tmp_path / "d" / "instruct.json").read_bytes()
+    code, _, err = run_cli("data", "shapes", "--out", tmp_path / "d", "--count", 4, "--seed", 1)
+    assert "already exists" in assert_one_error_line(code, err) and "--force" in err
+    assert (tmp_path / "d" / "instruct.json").read_bytes() == before
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    assert run_cli("data", "shapes", "--out", tmp_path / "empty", "--count", 3)[0] == 0
+    code, _, err = run_cli("data", "shapes", "--out", tmp_path / "d", "--count", 4, "--seed", 1, "--force")
+    assert code == 0, err
+    assert (tmp_path / "d" / "instruct.json").read_bytes() != before
+
+
 @pytest.mark.parametrize("follow_ups", [None, "colour, exists"])
 def test_cli_follow_ups(tmp_path, follow_ups):
     chosen = ["--follow-ups", follow_ups] if follow_ups else []

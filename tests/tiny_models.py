@@ -130,3 +130,21 @@ def write_mlx_model(directory: Path, config: dict, seed: int = 0) -> Path:
     write_tokenizer(directory)
     save(directory, model)
     return Path(directory)
+
+
+def write_text_model(directory: Path, config: dict) -> Path:
+    """A tiny CuMo whose LM head cannot pick special or byte-fallback pieces (their rows are 0):
+    greedy answers are plain text that never ends on its own (tests force `</s>` where needed)."""
+    import cumo_mlx
+    import mlx.core as mx
+    from cumo_mlx.loader import save
+
+    write_mlx_model(directory, config)
+    model, processor = cumo_mlx.load(directory)
+    pieces = processor.tokenizer.convert_ids_to_tokens(list(range(config["vocab_size"])))
+    blocked = mx.array([i for i, piece in enumerate(pieces) if i < 3 or piece.startswith("<0x")])
+    weight = model.language_model.lm_head.weight
+    weight[blocked] = 0
+    model.language_model.lm_head.weight = weight
+    save(directory, model, tokenizer_source=directory)
+    return directory

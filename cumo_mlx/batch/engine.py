@@ -16,31 +16,35 @@ compete for an expert).
 Images go through a `VisionCache`; finished requests leave their KV in a `PromptCache`, so a
 request extending an earlier prompt + answer prefills only its new positions.
 
-One thread owns MLX: `step()` in a loop of the caller's (as `batch_generate` does), or `start()`'s
-background thread. `submit` and `cancel` are thread-safe and do no MLX work.
+One thread owns MLX: `step()` in a loop of the caller's (as `batch_generate` does), `run()` on a
+thread of the caller's (as the server's backend does), or `start()`'s background thread. `submit`,
+`cancel` and `call` (other MLX work, run between two steps) are thread-safe and do no MLX work.
 """
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
-from ..errors import CuMoError, ImageError
+from ..errors import CuMoError
 from ..generate import GenerationOptions, as_image_list, prompt_ids, prompt_inputs
 from ..models.model import Model
 from ..processor import ImageSource, Processor
 from ..prompt import DEFAULT_SYSTEM, IMAGE_TOKEN_INDEX
+from ..vision_cache import VisionCache, features_digest
 from .prefill import prefill_alone, prefill_groups, prefill_together
 from .prompt_cache import PromptCache, position_keys
 from .stream import RequestStream, TokenResponse
-from .vision_cache import VisionCache, features_digest
 
+logger = logging.getLogger("cumo_mlx.batch")
 
 @dataclass
 class BatchStats:
@@ -81,6 +85,7 @@ class _Job:
     options: GenerationOptions
     positions: int  # LLM positions of the prompt
     need: int  # KV positions it may fill: prompt + max_tokens
+    seed: Optional[int] = None
     uid: Optional[int] = None
     keys: list = field(default_factory=list)
     cached: int = 0
@@ -145,9 +150,11 @@ class BatchEngine:
         self._wake = threading.Condition(self._lock)
         self._inbox: list[_Job] = []  # submitted, not yet seen by the engine's thread
         self._cancels: set[int] = set()
+        self._calls: list[tuple[Callable[[], Any], Future]] = []  # see `call`
         self._waiting: deque[_Job] = deque()
         self._running: dict[int, _Job] = {}  # by BatchGenerator uid
         self._thread: Optional[threading.Thread] = None
+        self._serving = False  # `run()` is looping
         self._stopping = False
 
     def _new_generator(self) -> BatchGenerator:
@@ -171,13 +178,16 @@ class BatchEngine:
         system: Optional[str] = DEFAULT_SYSTEM,
         options: Optional[GenerationOptions] = None,
         on_response: Optional[Callable[[TokenResponse], None]] = None,
+        seed: Optional[int] = None,
         **option_values,
     ) -> RequestStream:
         """Queue a request and return the stream its answer comes on.
 
         `prompt`, `images` (or `image_features` [n, rows, hidden] already encoded), `system`,
         `options` and the option keywords are those of `cumo_mlx.stream_generate` (kv_bits and
-        max_kv_size refused: `check_options`). Raises CuMoError now for a request that can
+        max_kv_size refused: `check_options`). `seed` reseeds MLX's random state when the request
+        joins the batch; the batch shares that one state, so a sampled (temp > 0) answer repeats
+        only when its request decodes alone. Raises CuMoError now for a request that can
         never run (bad options, an empty prompt, a wrong count of images, over the KV cap); images
         are read later, by the engine: an unreadable one, or a prompt over the model's context,
         ends that request with finish_reason "error".
@@ -202,9 +212,18 @@ class BatchEngine:
             )
         with self._lock:
             stream = RequestStream(next(self._ids), self.cancel, on_response)
-            self._inbox.append(_Job(stream, ids, images, image_features, rows, options, positions, need))
+            self._inbox.append(_Job(stream, ids, images, image_features, rows, options, positions, need, seed))
             self._wake.notify()
         return stream
+
+    def call(self, work: Callable[[], Any]) -> Future:
+        """Run `work()` on the engine's thread before its next step (MLX work that must not run on
+        another thread); the future gets its result or exception (cancelled if the engine stops first)."""
+        future: Future = Future()
+        with self._lock:
+            self._calls.append((work, future))
+            self._wake.notify()
+        return future
 
     @property
     def running(self) -> int:
@@ -238,12 +257,19 @@ class BatchEngine:
     # --- the engine's thread ----------------------------------------------------------------------
 
     def step(self) -> bool:
-        """One round: take new requests and cancellations, start the waiting requests that fit
-        (prefilled), then one decode step of the batch. Whether requests remain."""
+        """One round: run the calls waiting, take new requests and cancellations, start the waiting
+        requests that fit (prefilled), then one decode step of the batch. Whether requests remain."""
         with self._lock:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
             cancels, self._cancels = self._cancels, set()
+            calls, self._calls = self._calls, []
+        for work, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except Exception as e:  # the caller's to report
+                    future.set_exception(e)
         if cancels:
             self._cancel(cancels)
         self._admit()
@@ -286,9 +312,15 @@ class BatchEngine:
                 starting.append(self._prepare(job))
             except CuMoError as e:  # an unreadable image, over the context: this request ends, the others go on
                 self._finish(job, "error", str(e))
-        if starting:
+        if not starting:
+            return
+        try:
             self._prefill(starting)
             self._insert(starting)
+        except Exception as e:  # out of memory, a bug: end these requests too before passing it on
+            for start in starting:
+                self._finish(start.job, "error", f"the engine failed: {type(e).__name__}: {e}")
+            raise
 
     def _prepare(self, job: _Job) -> "_Start":
         features, digests = self._image_features(job)
@@ -321,6 +353,9 @@ class BatchEngine:
         """Hand the prefilled requests to mlx-lm's batch, each with its last prompt token."""
         options = [s.job.options for s in starting]
         vocab_size = self.model.args.text_config.vocab_size
+        for s in starting:
+            if s.job.seed is not None:
+                mx.random.seed(s.job.seed)
         uids = self.generator.insert(
             [[s.tokens[-1]] for s in starting],
             [o.max_tokens for o in options],
@@ -340,12 +375,7 @@ class BatchEngine:
         if not job.images:
             return None, []
         tic = time.perf_counter()
-        encoded = []
-        for index, source in enumerate(job.images, 1):
-            try:
-                encoded.append(self.vision_cache.encode(self.model, self.processor, source))
-            except ImageError as e:
-                raise ImageError(f"image {index}: {e.what}", e.fix) from None
+        encoded = self.vision_cache.encode_all(self.model, self.processor, job.images)  # ImageError: a bad image
         self.stats.images += len(encoded)
         self.stats.image_time += time.perf_counter() - tic
         self.stats.vision_hits += sum(e.hit for e in encoded)
@@ -373,7 +403,7 @@ class BatchEngine:
             self.prompt_cache.store(job.keys + job.tokens, response.prompt_cache)
         job.stream.deliver(
             TokenResponse(job.stream.id, job.detokenizer.last_segment, response.token, len(job.tokens),
-                          job.positions, job.cached, response.finish_reason)  # fmt: skip
+                          job.positions, job.cached, response.finish_reason, logprobs=response.logprobs)  # fmt: skip
         )
 
     def _finish(self, job: _Job, reason: str, error: Optional[str] = None) -> None:
@@ -391,6 +421,10 @@ class BatchEngine:
         with self._lock:
             self._waiting.extend(self._inbox)
             self._inbox.clear()
+            if reason == "cancelled":  # stopping: the calls waiting will not run
+                for _, future in self._calls:
+                    future.cancel()
+                self._calls.clear()
         for job in [*self._waiting, *self._running.values()]:
             self._finish(job, reason, error)
         self._waiting.clear()
@@ -404,34 +438,43 @@ class BatchEngine:
         """Run the engine in a background thread, which then owns MLX, until `close()`."""
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._serve, name="cumo-mlx-batch-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="cumo-mlx-batch-engine", daemon=True)
             self._thread.start()
         return self
 
-    def _serve(self) -> None:
+    def run(self) -> None:
+        """Serve on the calling thread, which then owns MLX, until `close()`; the requests left
+        then end "cancelled"."""
+        with self._lock:
+            self._serving = True
         busy = False
         while True:
             with self._lock:
-                while not (busy or self._inbox or self._cancels or self._stopping):
+                while not (busy or self._inbox or self._cancels or self._calls or self._stopping):
                     self._wake.wait()
                 if self._stopping:
                     break
             try:
                 busy = self.step()
             except Exception as e:  # a bug or MLX out of memory: end the requests, keep serving
+                logger.exception("the batch engine failed")
                 self._abort("error", f"the engine failed: {type(e).__name__}: {e}")
                 busy = False
         self._abort("cancelled")
+        with self._lock:
+            self._serving = False
 
     def close(self) -> None:
-        """Stop the background thread; requests not finished end "cancelled"."""
+        """Stop serving; requests not finished end "cancelled". `start()`'s thread is joined; a
+        thread of the caller's in `run()` is only asked to stop (its owner joins it)."""
         with self._lock:
             self._stopping = True
             self._wake.notify()
+            serving = self._serving
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        else:
+        elif not serving:
             self._abort("cancelled")
 
     def __enter__(self) -> "BatchEngine":

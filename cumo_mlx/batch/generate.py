@@ -9,9 +9,9 @@ from ..generate import GenerationOptions
 from ..models.model import Model
 from ..processor import ImageSource, Processor
 from ..prompt import DEFAULT_SYSTEM
+from ..vision_cache import VisionCache
 from .engine import BatchEngine, BatchStats
 from .stream import RequestStream
-from .vision_cache import VisionCache
 
 Prompt = Union[str, Sequence[int]]
 ImageEntry = Union[ImageSource, Sequence[ImageSource], None]
@@ -38,12 +38,14 @@ def _check_batch(prompts, images, max_tokens) -> tuple[list, list, list[int]]:
     if images is None:
         images = [None] * n
     elif isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-        raise CuMoError("images must be a list with one entry per prompt", "give None, an image or a list of images each")
+        raise CuMoError("images must be a list with one entry per prompt", "give None, an image or a list each")
     elif len(images) != n:
-        raise CuMoError(f"images has {len(images)} entries but there are {n} prompts", "give one entry per prompt (None for none)")
+        raise CuMoError(f"images has {len(images)} entries but there are {n} prompts", "give one per prompt (or None)")
+    if not isinstance(max_tokens, (int, Sequence)):
+        raise CuMoError(f"max_tokens must be an integer or a list of them, got {max_tokens!r}", "change that option")
     limits = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != n:
-        raise CuMoError(f"max_tokens has {len(limits)} entries but there are {n} prompts", "give one per prompt, or one for all")
+        raise CuMoError(f"max_tokens has {len(limits)} entries but there are {n} prompts", "give one each, or one")
     for i, limit in enumerate(limits):
         if not isinstance(limit, int) or limit < 1:
             where = f"max_tokens[{i}]" if not isinstance(max_tokens, int) else "max_tokens"
@@ -52,6 +54,7 @@ def _check_batch(prompts, images, max_tokens) -> tuple[list, list, list[int]]:
 
 
 def _collect(streams: list[RequestStream], eos: set[int]) -> tuple[list, list, list, list]:
+    """Each finished request's text, generated ids (without `</s>`), finish reason and error."""
     texts, tokens, reasons, errors = [], [], [], []
     for stream in streams:
         responses = list(stream)  # all delivered: does not block

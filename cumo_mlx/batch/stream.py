@@ -4,6 +4,8 @@ import queue
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+import mlx.core as mx
+
 
 @dataclass
 class TokenResponse:
@@ -18,6 +20,7 @@ class TokenResponse:
     cached_tokens: int = 0  # of those, taken from the prompt cache instead of prefilled
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    logprobs: Optional[mx.array] = None  # [vocab] log-probabilities the token was sampled from
 
 
 class RequestStream:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 from ..batch.generate import batch_generate
-from ..batch.vision_cache import VisionCache
+from ..vision_cache import VisionCache
 from ..errors import CuMoError, DataError
 from ..models.model import Model
 from ..processor import Processor, load_image

@@ -8,7 +8,7 @@ text alone. The prompt and the new-token budget are cumo/eval/model_vqa.py's.
 from pathlib import Path
 from typing import Iterator
 
-from .files import read_jsonl
+from .files import image_in, read_jsonl
 from .llava_questions import question_from_line
 from .question import LONG_ANSWER_TOKENS, Question
 
@@ -17,13 +17,15 @@ QUESTIONS = "questions.jsonl"
 SOURCE = "your LLaVA question file (one JSON object per line: question_id, image, text)"
 
 
-def image_path(folder: Path, name: str) -> Path:
-    beside = folder / name
-    return beside if beside.exists() or not (folder / "images" / name).exists() else folder / "images" / name
+def image_path(folder: Path, name: str, where: str) -> Path:
+    """The image beside the question file, or in its images/ folder; either way inside that folder."""
+    beside = image_in(folder, name, where)
+    return beside if beside.exists() or not (folder / "images" / name).exists() else image_in(folder / "images", name, where)
 
 
 def questions(path: Path) -> Iterator[Question]:
     path = path if path.is_file() else path / QUESTIONS
     for number, line in read_jsonl(path, SOURCE):
-        image = image_path(path.parent, line["image"]) if "image" in line else None
-        yield question_from_line(line, f"{path} line {number}", image, LONG_ANSWER_TOKENS)
+        where = f"{path} line {number}"
+        image = image_path(path.parent, line["image"], where) if "image" in line else None
+        yield question_from_line(line, where, image, LONG_ANSWER_TOKENS)

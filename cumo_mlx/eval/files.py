@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import DataError
+from ..paths import inside
 
 LLAVA_EVAL_ZIP = "LLaVA's eval.zip (haotian-liu/LLaVA docs/Evaluation.md), extracted to playground/data/eval"
 
@@ -75,3 +76,13 @@ def int_or_same(value: Any) -> Any:
         return int(value)
     except (TypeError, ValueError):
         return value
+
+
+def image_in(folder: Path, name: Any, where: str) -> Path:
+    """`folder / name`, once its real path (symlinks resolved) is known to stay inside `folder`."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise DataError(f"{where}: the image name {name!r} is not a file name", "name a file inside the benchmark's folder")
+    if inside(folder, name) is None:
+        raise DataError(f"{where}: the image {name!r} lies outside {folder}", "keep the benchmark's images inside its folder")
+    return Path(folder) / name
+

@@ -7,7 +7,7 @@ model_vqa.py); the answers file records the text alone, as those scripts do.
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .files import get, read_jsonl
+from .files import get, image_in, read_jsonl
 from .question import Question, with_image
 
 OWN_FIELDS = ("question_id", "image", "text")
@@ -29,4 +29,4 @@ def llava_questions(path: Path, source: str, image_folder: Path, max_new_tokens:
     """The questions of a LLaVA question file whose lines each name an image in `image_folder`."""
     for number, line in read_jsonl(path, source):
         where = f"{path} line {number}"
-        yield question_from_line(line, where, image_folder / get(line, "image", where), max_new_tokens)
+        yield question_from_line(line, where, image_in(image_folder, get(line, "image", where), where), max_new_tokens)

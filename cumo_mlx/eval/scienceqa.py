@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 from ..errors import DataError
 from .answers import check_known
-from .files import LLAVA_EVAL_ZIP, get, read_json, require
+from .files import LLAVA_EVAL_ZIP, get, image_in, read_json, require
 from .question import LONG_ANSWER_TOKENS, Question, with_image
 from .result import percent
 
@@ -44,7 +44,7 @@ def questions(folder: Path) -> Iterator[Question]:
         where = f"{path} question {number}"
         turns = get(record, "conversations", where)
         text = get(turns[0] if turns else {}, "value", where).replace("<image>", "").strip()
-        image = folder / IMAGES / record["image"] if "image" in record else None
+        image = image_in(folder / IMAGES, record["image"], where) if "image" in record else None
         prompt = f"{with_image(text, image)}\n{INSTRUCTION}"
         yield Question(get(record, "id", where), prompt, image, LONG_ANSWER_TOKENS, logged_prompt=prompt)
 

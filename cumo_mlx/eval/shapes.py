@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 from ..errors import DataError
 from ..shapes import COUNT_WORDS
 from .answers import check_known
-from .files import get, read_json
+from .files import get, image_in, read_json
 from .question import Question, with_image
 from .result import percent
 
@@ -60,7 +60,7 @@ def questions(folder: Path) -> Iterator[Question]:
     path = folder / QUESTIONS
     for number, record in enumerate(_records(folder)):
         where = f"{path} question {number}"
-        question, image = get(record, "question", where), folder / get(record, "image", where)
+        question, image = get(record, "question", where), image_in(folder, get(record, "image", where), where)
         metadata = {"type": get(record, "type", where)}
         prompt = with_image(question, image)
         yield Question(get(record, "id", where), prompt, image, MAX_NEW_TOKENS, logged_prompt=question, metadata=metadata)

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from ..paths import regular_file
 
+JSON_MAX_BYTES = 64 << 20  # config.json files are kilobytes; a tokenizer.json tens of megabytes
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -314,7 +316,7 @@ def load_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"no config.json in {model_dir}", "point at a CuMo model directory")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(regular_file(path, "config.json", JSON_MAX_BYTES, ConfigError).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}", "fix or re-create the file") from None
     except RecursionError:
@@ -352,7 +354,7 @@ def vision_config_from_hf(config: dict, preprocessor: Optional[dict]) -> VisionC
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(regular_file(path, path.name, JSON_MAX_BYTES, ConfigError).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, OSError, RecursionError) as e:
         raise ConfigError(f"cannot read {path}: {e}", "fix the vision tower directory") from None
     if not isinstance(data, dict):

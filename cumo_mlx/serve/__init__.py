@@ -2,5 +2,5 @@
 
 app.py (routes), schema.py (request checks, messages -> prompt), images.py (image sources),
 completion.py (answers in OpenAI's shapes), stops.py (stop strings), errors.py (error bodies),
-metrics.py (Prometheus text), backend.py (the generation interface and its thread backend).
+metrics.py (Prometheus text), backend.py (the generation interface and its continuous-batching backend).
 """

@@ -5,7 +5,7 @@ The HTTP layer sees only this:
     handle = backend.submit(prompt_ids, images, options)   # Unavailable: loading, closing, queue full
     async for event in handle: ...                         # TokenEvents; the last has a finish_reason
     result = await backend.call(work)                      # work(model, processor), run where MLX runs
-    handle.cancel()                                        # any time: the generation stops before its next token
+    handle.cancel()                                        # any time: the request leaves the batch at the next step
     backend.stats()                                        # BackendStats, for /metrics
 
 plus `ready` / `load_error` (the model loads in the background), `processor` (prompt ids, token
@@ -13,28 +13,29 @@ strings), `context_length`, `image_tokens` (LLM positions per image), `vocab_siz
 `close()`.
 `submit` is called from the server's asyncio loop; events arrive on that loop.
 
-`ThreadBackend` runs it with `cumo_mlx.generate.stream_generate`, one request at a time, on one
-worker thread that owns MLX (MLX work stays on one thread), with images through a `VisionCache`.
-A continuous-batching engine can replace it behind the same interface.
+`BatchBackend` runs it on `cumo_mlx.batch.BatchEngine` (continuous batching: requests join and
+leave one running batch between decode steps), on one thread that loads the model and then owns
+MLX, with images through the engine's `VisionCache`. A request's `seed` reseeds MLX's random state
+when it joins the batch, but the batch shares that one state: a sampled (temperature > 0) answer
+repeats a single run only when its request decodes alone.
 """
 
 import asyncio
-import logging
+import concurrent.futures
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from PIL import Image
 
-from ..batch.vision_cache import VisionCache
+from ..batch.engine import BatchEngine
+from ..batch.stream import RequestStream, TokenResponse
 from ..errors import CuMoError
-from ..generate import GenerationOptions, context_length, stream_generate
+from ..generate import GenerationOptions, context_length
 from ..models.model import Model
 from ..processor import Processor
-
-logger = logging.getLogger("cumo_mlx.serve")
+from ..vision_cache import VisionCache
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class Unavailable(Exception):
 class Handle:
     """The events of one submitted request, read on the asyncio loop that submitted it.
 
-    The backend's thread `put`s each event (or an exception, raised to the reader); iteration ends
+    The engine's thread `put`s each event (or an exception, raised to the reader); iteration ends
     after the event with a finish_reason. `__anext__` is cancel-safe: a timeout around it loses nothing.
     """
 
@@ -91,16 +92,21 @@ class Handle:
         self._events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
         self._done = False
+        self.stream: Optional[RequestStream] = None  # set once the engine has it
+        self.finished = False  # the engine sent its last response
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
+        """Stop the generation (a no-op once it is over): its batch place is free at the next step."""
+        if not self._cancelled.is_set() and not self.finished and self.stream is not None:
+            self.stream.cancel()
         self._cancelled.set()
 
     def put(self, item) -> None:
-        """From the backend's thread: a TokenEvent, or the exception that ended the request."""
+        """From the engine's thread: a TokenEvent, or the exception that ended the request."""
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody reads this request any more
@@ -120,21 +126,26 @@ class Handle:
         return item
 
 
-@dataclass
-class _Job:
-    prompt_ids: list[int]
-    images: list[Image.Image]
-    options: Options
-    handle: Handle
+def token_event(response: TokenResponse, top_logprobs: Optional[int]) -> TokenEvent:
+    """The event of one generated token (on the engine's thread: the logprobs are MLX arrays)."""
+    logprob = top = None
+    if top_logprobs is not None:
+        logprobs = response.logprobs
+        logprob = logprobs[response.token].item()
+        if top_logprobs:
+            ids = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
+            values = logprobs[ids].tolist()
+            top = sorted(zip(ids.tolist(), values), key=lambda pair: -pair[1])
+    return TokenEvent(response.text, response.token, response.prompt_tokens, logprob, top, response.finish_reason)
 
 
-class ThreadBackend:
-    """`stream_generate` on one worker thread, first come first served.
+class BatchBackend:
+    """A `BatchEngine` on one thread: up to `max_batch_size` requests decode together.
 
-    `load` returns (model, processor); it runs on the worker thread, which then calls
-    `on_loaded(None)`, or `on_loaded(error)` if it failed. At most `max_queue` requests wait.
-    `max_batch_size` is accepted for the interface: this backend decodes one sequence at a time.
-    `vision_cache_bytes` bounds the image features kept (0: none).
+    `load` returns (model, processor); it runs on the thread, which then calls `on_loaded(None)`,
+    or `on_loaded(error)` if it failed, and then serves. At most `max_queue` requests wait for a
+    place in the batch (beyond: Unavailable, a 503). `vision_cache_bytes` bounds the image
+    features kept (0: none).
     """
 
     def __init__(
@@ -142,7 +153,7 @@ class ThreadBackend:
         load: Callable[[], tuple[Model, Processor]],
         *,
         max_queue: int = 64,
-        max_batch_size: int = 1,
+        max_batch_size: int = 8,
         vision_cache_bytes: int = 512 << 20,
         on_loaded: Optional[Callable[[Optional[BaseException]], None]] = None,
     ):
@@ -153,78 +164,92 @@ class ThreadBackend:
         self.context_length = self.image_tokens = self.vocab_size = 0
         self._load, self._on_loaded = load, on_loaded
         self._vision_cache = VisionCache(vision_cache_bytes)
-        self._model: Optional[Model] = None
-        self._waiting: deque[_Job] = deque()
-        self._calls: list[tuple[Callable, asyncio.AbstractEventLoop, asyncio.Future]] = []  # see `call`
+        self._engine: Optional[BatchEngine] = None
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
         self._closing = False
-        self._running = 0
         self._cancelled = 0
         self._thread = threading.Thread(target=self._serve, name="cumo-mlx-generate", daemon=True)
 
-    def start(self) -> "ThreadBackend":
+    def start(self) -> "BatchBackend":
         self._thread.start()
         return self
 
+    def _check_open(self) -> BatchEngine:
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if not self.ready.is_set():
+            raise Unavailable("the model is still loading", retry_after=5)
+        return self._engine
+
     def submit(self, prompt_ids: list[int], images: list[Image.Image], options: Options) -> Handle:
-        """Queue a request (from the asyncio loop that will read its events)."""
+        """Queue a request (from the asyncio loop that will read its events). CuMoError (a 400) for
+        a request the engine refuses (kv_bits, max_kv_size)."""
         with self._lock:
-            if self._closing:
-                raise Unavailable("the server is shutting down")
-            if not self.ready.is_set():
-                raise Unavailable("the model is still loading", retry_after=5)
-            if sum(not job.handle.cancelled for job in self._waiting) >= self.max_queue:
+            engine = self._check_open()
+            if engine.waiting >= self.max_queue:
                 raise Unavailable(f"the server is busy ({self.max_queue} requests are waiting)")
             handle = Handle(asyncio.get_running_loop())
-            self._waiting.append(_Job(list(prompt_ids), list(images), options, handle))
-            self._wake.notify()
+            handle.stream = engine.submit(
+                list(prompt_ids), list(images), options=options.generation, seed=options.seed,
+                on_response=lambda response: self._deliver(handle, response, options.top_logprobs),
+            )  # fmt: skip
         return handle
 
-    def call(self, work: Callable[[Model, Processor], Any]) -> asyncio.Future:
-        """Run `work(model, processor)` on the worker thread before the next request starts (MLX
-        work stays on that thread); await the returned future for its result or its exception."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+    def _deliver(self, handle: Handle, response: TokenResponse, top_logprobs: Optional[int]) -> None:
+        """On the engine's thread: one response to its handle's loop."""
+        if response.finish_reason is not None:
+            handle.finished = True
+        if response.finish_reason == "cancelled":
+            if handle.cancelled:
+                self._cancelled += 1
+            else:  # the engine stopped under it
+                handle.put(Unavailable("the server is shutting down"))
+        elif response.finish_reason == "error":
+            engine_fault = response.error.startswith("the engine failed")  # logged by the engine
+            handle.put(RuntimeError(response.error) if engine_fault else CuMoError(response.error))
+        elif not handle.cancelled:
+            handle.put(token_event(response, top_logprobs))
+
+    async def call(self, work: Callable[[Model, Processor], Any]) -> Any:
+        """`work(model, processor)` run on the engine's thread between two decode steps (MLX work
+        stays on that thread): its result, or its exception raised here."""
         with self._lock:
-            if self._closing:
-                raise Unavailable("the server is shutting down")
-            if not self.ready.is_set():
-                raise Unavailable("the model is still loading", retry_after=5)
-            self._calls.append((work, loop, future))
-            self._wake.notify()
-        return future
+            engine = self._check_open()
+            future = engine.call(lambda: work(engine.model, engine.processor))
+        try:
+            return await asyncio.wrap_future(future)
+        except concurrent.futures.CancelledError:
+            if not self._closing:
+                raise
+            raise Unavailable("the server is shutting down") from None
 
     def stats(self) -> BackendStats:
-        with self._lock:
-            waiting = sum(not job.handle.cancelled for job in self._waiting)
-        cache = self._vision_cache
-        return BackendStats(waiting, self._running, self._cancelled, cache.hits, cache.misses)
+        engine, cache = self._engine, self._vision_cache
+        waiting, running = (engine.waiting, engine.running) if engine is not None else (0, 0)
+        return BackendStats(waiting, running, self._cancelled, cache.hits, cache.misses)
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """Refuse new requests, end the waiting ones (Unavailable), stop the thread after the running one."""
+        """Refuse new requests and stop the engine: the requests not finished end (Unavailable)."""
         with self._lock:
             self._closing = True
-            while self._waiting:
-                self._waiting.popleft().handle.put(Unavailable("the server is shutting down"))
-            for _, loop, future in self._calls:
-                _settle(loop, future, error=Unavailable("the server is shutting down"))
-            self._calls.clear()
-            self._wake.notify()
+            engine = self._engine
+        if engine is not None:
+            engine.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    # --- the worker thread ----------------------------------------------------------------------------
+    # --- the engine's thread --------------------------------------------------------------------------
 
     def _serve(self) -> None:
         try:
-            self._start_model()
-            while (job := self._next_job()) is not None:
-                self._run(job)
+            engine = self._start_engine()
+            if engine is not None:
+                engine.run()
         finally:
             mx.clear_streams()  # this thread's MLX streams go with it, not at process exit (which can abort)
 
-    def _start_model(self) -> None:
+    def _start_engine(self) -> Optional[BatchEngine]:
+        """Load the model and make the engine; None if loading failed or the backend is closing."""
         try:
             model, processor = self._load()
         except BaseException as e:  # reported by the server; nothing can be generated
@@ -233,92 +258,17 @@ class ThreadBackend:
                 self._closing = True
             if self._on_loaded is not None:
                 self._on_loaded(e)
-            return
-        self._model, self.processor = model, processor
+            return None
+        with self._lock:
+            if self._closing:
+                return None
+            self._engine = BatchEngine(
+                model, processor, max_sequences=self.max_batch_size, vision_cache=self._vision_cache
+            )
+        self.processor = processor
         self.context_length, self.image_tokens = context_length(model), model.args.image_tokens
         self.vocab_size = model.args.text_config.vocab_size
         self.ready.set()
         if self._on_loaded is not None:
             self._on_loaded(None)
-
-    def _run(self, job: _Job) -> None:
-        if job.handle.cancelled:
-            self._cancelled += 1
-            return
-        self._running = 1
-        try:
-            self._generate(job)
-        except Exception as e:  # the request's fault (CuMoError) or ours: its reader reports it
-            if not isinstance(e, CuMoError):
-                logger.exception("generation failed")
-            job.handle.put(e)
-        finally:
-            self._running = 0
-
-    def _next_job(self) -> Optional[_Job]:
-        """The next request, once the calls waiting before it have run; None when closing."""
-        while True:
-            with self._lock:
-                while not self._waiting and not self._calls and not self._closing:
-                    self._wake.wait()
-                calls, self._calls = self._calls, []
-                if not calls:
-                    return self._waiting.popleft() if self._waiting else None
-            for work, loop, future in calls:
-                try:
-                    result = work(self._model, self.processor)
-                except Exception as e:  # the caller reports it
-                    _settle(loop, future, error=e)
-                else:
-                    _settle(loop, future, result)
-
-    def _generate(self, job: _Job) -> None:
-        options, handle = job.options, job.handle
-        if options.seed is not None:
-            mx.random.seed(options.seed)
-        features = None
-        if job.images:
-            encoded = [self._vision_cache.encode(self._model, self.processor, image) for image in job.images]
-            features = mx.concatenate([e.features for e in encoded])
-        responses = stream_generate(
-            self._model, self.processor, job.prompt_ids, image_features=features, options=options.generation
-        )
-        try:
-            for response in responses:
-                if handle.cancelled:
-                    self._cancelled += 1
-                    return
-                handle.put(self._event(response, options.top_logprobs))
-        finally:
-            responses.close()
-
-    @staticmethod
-    def _event(response, top_logprobs: Optional[int]) -> TokenEvent:
-        logprob = top = None
-        if top_logprobs is not None:
-            logprobs = response.logprobs
-            logprob = logprobs[response.token].item()
-            if top_logprobs:
-                ids = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
-                values = logprobs[ids].tolist()
-                top = sorted(zip(ids.tolist(), values), key=lambda pair: -pair[1])
-        return TokenEvent(
-            response.text, response.token, response.prompt_tokens, logprob, top, response.finish_reason
-        )
-
-
-def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result=None, error=None) -> None:
-    """From another thread: give `future` its result or error (unless its awaiter gave up on it)."""
-
-    def settle():
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the loop is closed
-        pass
+        return self._engine

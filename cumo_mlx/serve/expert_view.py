@@ -21,14 +21,13 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 from PIL import Image
-from pydantic import ValidationError
 
 from ..models.moe import SparseMoE
 from ..models.s2 import scale_slices
 from ..processor import Processor, expand_to_square, load_image
 from ..prompt import DEFAULT_SYSTEM, chat_prompt, with_image_placeholders
 from .errors import APIError
-from .schema import ImageURL, Strict
+from .schema import ImageURL, Strict, validated
 
 VIEW_SIZE = 672  # side of the picture the page tints: twice a 336 px crop
 
@@ -176,12 +175,7 @@ class RoutesRequest(Strict):
 
 def parse_routes_request(body: bytes) -> RoutesRequest:
     """The request, or a 400 naming what is wrong."""
-    try:
-        request = RoutesRequest.model_validate_json(body)
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None) from None
+    request = validated(RoutesRequest, body)
     if (request.image is None) == (request.image_url is None):
         raise APIError(400, "give the image as `image` or as `image_url` (one of them)", param="image")
     return request

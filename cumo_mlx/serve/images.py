@@ -24,6 +24,7 @@ from typing import Optional
 from PIL import Image
 
 from ..errors import ImageError
+from ..paths import inside
 from ..processor import _HttpRedirectsOnly, load_image
 
 
@@ -108,11 +109,10 @@ class ImageFetcher:
         name = shorten(url)
         try:
             path = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url[:5].lower() == "file:" else url
-            root = os.path.realpath(self.allow_local_files)
-            real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces the root
+            real = inside(self.allow_local_files, path)
         except ValueError:  # a NUL byte
             raise ImageError(f"{name} is not a valid path", "check the path") from None
-        if os.path.commonpath([root, real]) != root:
+        if real is None:
             raise ImageError(f"{name} is outside the folder this server may read", "put the image in that folder")
         if not os.path.isfile(real):
             raise ImageError(f"image file not found: {name}", "check the path")

@@ -104,16 +104,21 @@ class Conversation:
     images: list[str]
 
 
-def parse(body: bytes) -> ChatRequest:
-    """The request, or a 400 naming the first bad field."""
+def validated(model: type[BaseModel], body: bytes):
+    """A `model` read from the JSON `body`, or a 400 naming the first bad field."""
     try:
-        request = ChatRequest.model_validate_json(body)
+        return model.model_validate_json(body)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"])
         if first["type"] == "json_invalid":
             raise APIError(400, f"the body is not valid JSON ({first['msg']})") from None
         raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None) from None
+
+
+def parse(body: bytes) -> ChatRequest:
+    """The request, or a 400 naming the first bad field."""
+    request = validated(ChatRequest, body)
     check_supported(request)
     return request
 

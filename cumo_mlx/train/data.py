@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import DataError, ImageError
+from ..paths import inside, regular_file
 from ..processor import Processor
 from ..prompt import (
     IGNORE_INDEX,
@@ -45,6 +46,7 @@ from ..prompt import (
 
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 IMAGE_LENGTH_ESTIMATE = 128  # the original's stand-in for an image when sorting by length
+DATA_MAX_BYTES = 8 << 30  # read whole into memory; LLaVA-665K's JSON is about 1 GB
 
 
 class BadSample(Exception):
@@ -115,9 +117,9 @@ class Batch:
 
 def read_records(path: Path) -> list:
     """The list of records in a LLaVA JSON (or JSON Lines) file."""
-    path = Path(path)
-    if not path.is_file():
+    if str(path) and not os.path.exists(path):
         raise DataError(f"data file not found: {path}", "give a LLaVA-format .json file")
+    path = regular_file(path, "data file", DATA_MAX_BYTES, DataError)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -147,13 +149,15 @@ def resolve_image(name: object, image_folder: Optional[Path]) -> Path:
         raise BadSample(f"image entry {name!r} is not a file name")
     if image_folder is None:
         raise BadSample("it has an image but no --image-folder was given")
-    root = os.path.normpath(os.path.abspath(image_folder))
-    full = os.path.normpath(os.path.join(root, name))
-    if os.path.commonpath([root, full]) != root:
+    try:
+        full = inside(image_folder, name)
+    except ValueError:  # a NUL byte
+        raise BadSample(f"image entry {name!r} is not a file name") from None
+    if full is None:
         raise BadSample(f"image path {name!r} is outside the image folder")
-    if not os.path.isfile(full):
+    if not full.is_file():
         raise BadSample(f"image file not found: {name}")
-    return Path(full)
+    return full
 
 
 def check_sample(record: object, index: int, image_folder: Optional[Path], template: str) -> Sample:
@@ -333,7 +337,16 @@ class Dataset:
                 out.append((sample, self.encode(sample)))
             except BadSample as e:
                 self.reject(sample.index, sample.name, str(e))
+                self.check_any_left()
         return out
+
+    def check_any_left(self) -> None:
+        """A DataError once every record is known bad (each is either a sample or rejected upfront)."""
+        if len(self.bad) >= self.num_records:
+            raise DataError(
+                f"{self.path} has no usable samples left (all {len(self.bad)} skipped)",
+                "fix the samples the messages above name",
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +372,17 @@ def epoch_batches(dataset_lengths: list, batch_size: int, seed: int, epoch: int,
 def shard(indices: list, rank: int, world_size: int) -> list:
     """This rank's part of a global batch."""
     return indices[rank::world_size]
+
+
+def first_target(item: Encoded, image_tokens: int) -> float:
+    """The position of the first supervised token once each image is spliced in (`collate`)."""
+    labels = np.asarray(item.labels)
+    supervised = np.flatnonzero(labels != IGNORE_INDEX)
+    if supervised.size == 0:
+        return math.inf  # nothing to learn: past any length
+    first = int(supervised[0])
+    images = int((np.asarray(item.ids[:first]) == IMAGE_TOKEN_INDEX).sum())
+    return first + images * (image_tokens - 1)
 
 
 def collate(encoded: list, image_tokens: int, max_length: Optional[int], pad_id: int = 0, names=None) -> Batch:
@@ -447,13 +471,23 @@ class StepLoader:
             ks = [k for k in ks if k < self.total_micro]
         return [shard(self.micro_batch(k), self.rank, self.world_size) for k in ks]
 
+    def keeps_answers(self, sample: Sample, encoded: Encoded) -> bool:
+        """Whether the sample keeps a supervised token within --max-seq-length; one that loses them
+        all is a bad sample (a batch with nothing to learn has no loss)."""
+        if first_target(encoded, self.image_tokens) < self.config.max_seq_length:
+            return True
+        limit = self.config.max_seq_length
+        self.dataset.reject(sample.index, sample.name, f"its answers all lie past --max-seq-length {limit}")
+        self.dataset.check_any_left()
+        return False
+
     def load(self, step: int) -> tuple[list, Optional[DataError]]:
         """(batches, error): the collated micro-batches of `step`; a strict-mode DataError is returned,
         not raised, so that every rank learns of it before any stops."""
         try:
             batches = []
             for indices in self.step_samples(step):
-                items = self.dataset.load(indices)
+                items = [item for item in self.dataset.load(indices) if self.keeps_answers(*item)]
                 if items:
                     encoded, names = [e for _, e in items], [s.name for s, _ in items]
                     batches.append(collate(encoded, self.image_tokens, self.config.max_seq_length, self.pad_id, names))

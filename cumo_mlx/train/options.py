@@ -1,7 +1,9 @@
 """The settings of a training run (`cumo-mlx train`'s options), without importing MLX."""
 
 import math
-from dataclasses import asdict, dataclass
+import os
+import typing
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from ..errors import CuMoError
@@ -14,6 +16,29 @@ STAGE_TEMPLATE = {"pretrain": "plain", "pft": "mistral_instruct_system", "sft": 
 # LLaVA's for LoRA.
 DEFAULT_LR = {"pretrain": 1e-3, "pft": 2e-6, "sft": 4e-6, "lora": 2e-4}
 DEFAULT_MAX_LENGTH = {"pretrain": 2048, "pft": 4096, "sft": 4096}
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most tools take 32-bit seeds
+
+
+def check_setting(name: str, value):
+    """`value` as setting `name` of TrainConfig takes it (an int given for a float becomes a float);
+    a CuMoError naming the setting when its type is wrong. The command line and the config file
+    both pass through here, so that 2.5 is never truncated to an int nor a list taken for a number."""
+    kind = {f.name: f.type for f in fields(TrainConfig)}[name]
+    if typing.get_origin(kind) is typing.Union:
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    flag = "--" + name.replace("_", "-")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, (str, os.PathLike)),
+    }[kind]
+    if not ok:
+        wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}[kind]
+        raise CuMoError(f"{flag} must be {wanted}, not {value!r}", "fix the option")
+    return float(value) if kind is float else os.fspath(value) if kind is str else value
 
 
 @dataclass
@@ -54,7 +79,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with every default filled in, checked."""
-        c = TrainConfig(**asdict(self))
+        c = TrainConfig(**{k: check_setting(k, v) for k, v in asdict(self).items()})
         if c.stage not in STAGES:
             raise CuMoError(f"unknown stage {c.stage!r}", f"use one of {', '.join(STAGES)}")
         if c.fine_tune_type not in FINE_TUNE_TYPES:
@@ -67,27 +92,29 @@ class TrainConfig:
             c.learning_rate = DEFAULT_LR["lora" if uses_lora else c.stage]
         if c.vision_learning_rate is None:
             c.vision_learning_rate = c.learning_rate
-        c.max_seq_length = c.max_seq_length or DEFAULT_MAX_LENGTH[c.stage]
+        if c.max_seq_length is None:
+            c.max_seq_length = DEFAULT_MAX_LENGTH[c.stage]
         if c.iters is not None and c.epochs is not None:
             raise CuMoError("--iters and --epochs both given", "give one of them")
         if c.iters is None and c.epochs is None:
             c.epochs = 1.0
         checks = [
             (c.iters is None or c.iters >= 1, "--iters must be at least 1"),
-            (c.epochs is None or c.epochs > 0, "--epochs must be positive"),
+            (c.epochs is None or 0 < c.epochs < math.inf, "--epochs must be positive and finite"),
+            (0 <= c.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}]"),
             (c.batch_size >= 1, "--batch-size must be at least 1"),
             (c.grad_accumulation_steps >= 1, "--grad-accumulation-steps must be at least 1"),
             (c.learning_rate >= 0 and math.isfinite(c.learning_rate), "--learning-rate must be a non-negative number"),
             (c.vision_learning_rate >= 0 and math.isfinite(c.vision_learning_rate), "--vision-learning-rate must be a non-negative number"),
             (0 <= c.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (0 <= c.weight_decay < math.inf, "--weight-decay must be non-negative and finite"),
-            (c.max_grad_norm >= 0, "--max-grad-norm must be non-negative"),
+            (0 <= c.max_grad_norm < math.inf, "--max-grad-norm must be non-negative and finite"),
             (c.lora_rank >= 1, "--lora-rank must be at least 1"),
             (math.isfinite(c.lora_alpha), "--lora-alpha must be a finite number"),
             (c.balance_loss_coef is None or 0 <= c.balance_loss_coef < math.inf, "--balance-loss-coef must be non-negative and finite"),
             (c.router_z_loss_coef is None or 0 <= c.router_z_loss_coef < math.inf, "--router-z-loss-coef must be non-negative and finite"),
             (0 <= c.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-            (c.lora_layers != 0, "--lora-layers must be positive, or -1 for all"),
+            (c.lora_layers == -1 or c.lora_layers >= 1, "--lora-layers must be positive, or -1 for all"),
             (c.max_seq_length >= 2, "--max-seq-length must be at least 2"),
             (c.save_every >= 1, "--save-every must be at least 1"),
             (c.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),

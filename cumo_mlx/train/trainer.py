@@ -21,6 +21,7 @@ writes files.
 
 import json
 import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -46,6 +47,7 @@ from .checkpoints import (
     check_new_run,
     latest_checkpoint,
     load_checkpoint,
+    model_identity,
     read_metrics,
     run_state,
     save_checkpoint,
@@ -194,10 +196,13 @@ class Trainer:
         self.say = report or (print if self.main else (lambda message: None))
         self.out = Path(c.output)
         check_new_run(self.out, c.resume)
+        # The topmost folder of --output this run creates: removed again if the run fails early.
+        self.created = next((p for p in reversed([self.out, *self.out.parents]) if not p.exists()), None)
         self.model_path = resolve_model_path(c.model)
         self.base_dtype = stored_dtype(self.model_path)
         self.model, self.args = load_model(self.model_path)
         self.processor = load_processor(self.model_path, self.args)
+        self.identity = model_identity(self.model_path) if self.main else None
         self.dataset = Dataset(c.data, self.processor, c.image_folder, c.template, c.strict, report=self.say)
         self.upfront_bad = len(self.dataset.bad)  # every rank finds these
         self.dataset.report = lambda message: print(message if self.size == 1 else f"[rank {self.rank}] {message}")
@@ -212,6 +217,7 @@ class Trainer:
         self.optimizer = vision_and_rest(c.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
         self.step, self.records = 0, []
+        self.trained_samples = 0  # over all ranks, this run and the one it resumes
         self.loss_fn = nn.value_and_grad(self.model, self._loss)
 
     # -- one step ----------------------------------------------------------------------------
@@ -249,6 +255,7 @@ class Trainer:
         """Optimizer step `step` (1-based) on this rank's micro-batches; the step's metrics record."""
         tic, c = time.perf_counter(), self.config
         counts = step_counts(batches, error, self.world)
+        self.trained_samples += counts["samples"]
         grads, values = self.gradients(step, batches, Totals(counts["targets"], counts["images"], counts["batches"]))
         if not all(math.isfinite(v) for v in values):
             kept = latest_checkpoint(self.out)
@@ -276,19 +283,20 @@ class Trainer:
     def restore(self) -> None:
         """Continue from the latest checkpoint (rank 0 reads it; every rank gets its values)."""
         path = latest_checkpoint(self.out) if self.main else None
-        step = 0
+        step = trained = 0
         if path is not None:
-            ours = run_state(self.step, self.data.total_steps, self.size, self.config, self.dataset)
+            ours = run_state(self.step, self.data.total_steps, self.size, self.config, self.dataset, self.identity)
             state = load_checkpoint(path, self.model, self.optimizer, ours)
             self.dataset.bad.update(state["bad_samples"])
             step = state["step"]
-        step = mx.array(step, dtype=mx.int32)
+            trained = state.get("trained_samples", 1)  # older checkpoints: some were
+        progress = mx.array([step, trained], dtype=mx.int32)
         if self.size > 1:
-            step = mx.distributed.all_sum(step, group=self.world)
+            progress = mx.distributed.all_sum(progress, group=self.world)
             self.model.update(broadcast(self.model.trainable_parameters(), self.world))
             self.optimizer.state = broadcast(self.optimizer.state, self.world)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        self.step = step.item()
+        self.step, self.trained_samples = progress.tolist()
         if self.main:
             if path is None:
                 self.say(f"no checkpoint in {self.out / CHECKPOINTS}: starting from the beginning")
@@ -322,7 +330,8 @@ class Trainer:
         self.records.append(record)
         append_metrics(self.out / METRICS, record)
         if self.step % self.config.save_every == 0 and self.step < self.data.total_steps:
-            state = run_state(self.step, self.data.total_steps, self.size, self.config, self.dataset)
+            state = run_state(self.step, self.data.total_steps, self.size, self.config, self.dataset, self.identity,
+                              self.trained_samples)
             save_checkpoint(self.out, self.model.trainable_parameters(), self.optimizer.state, state, self.config.keep_checkpoints)
 
     def steps(self):
@@ -353,10 +362,23 @@ class Trainer:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self) -> dict:
-        """Train to the end; write the adapters or the model, and the loss curve."""
+        """Train to the end, then write the adapters or the model, and the loss curve. A run that
+        fails before it has a checkpoint of something trained removes the folders it created."""
+        try:
+            return self._run()
+        except BaseException:
+            if self.main and self.created is not None and (latest_checkpoint(self.out) is None or not self.trained_samples):
+                shutil.rmtree(self.created, ignore_errors=True)
+            raise
+
+    def _run(self) -> dict:
         start = time.perf_counter()
         for _ in self.steps():
             pass
+        if not self.trained_samples:  # the same count on every rank
+            raise DataError(
+                f"nothing was trained: every sample of {self.dataset.path} was skipped", "fix the samples the messages above name"
+            )
         bad = len(self.dataset.bad)
         if self.size > 1:  # the ones found while loading, each by the rank that loaded it
             found = mx.distributed.all_sum(mx.array(bad - self.upfront_bad), group=self.world).item()

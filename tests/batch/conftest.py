@@ -17,7 +17,7 @@ def quantized(model):
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
-    return {llm: write_mlx_model(tmp_path_factory.mktemp(f"batch-{llm}"), tiny_config(llm=llm)) for llm in ("mistral", "mixtral")}
+    return {llm: write_mlx_model(tmp_path_factory.mktemp(llm), tiny_config(llm=llm)) for llm in ("mistral", "mixtral")}
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,7 @@ def test_a_prompt_over_the_context_ends_only_itself(mistral):
     [
         (lambda m, p: cumo_mlx.batch_generate(m, p, []), "the list of prompts is empty"),
         (lambda m, p: cumo_mlx.batch_generate(m, p, "hello"), "prompts must be a list"),
-        (lambda m, p: cumo_mlx.batch_generate(m, p, ["a", "b"], [None]), "images has 1 entries but there are 2 prompts"),
+        (lambda m, p: cumo_mlx.batch_generate(m, p, ["a", "b"], [None]), "images has 1 entries but there are 2"),
         (lambda m, p: cumo_mlx.batch_generate(m, p, ["a"], max_tokens=0), "max_tokens must be a positive integer"),
         (lambda m, p: cumo_mlx.batch_generate(m, p, ["a", "b"], max_tokens=[3, 0]), "max_tokens[1] must be a positive"),
         (lambda m, p: cumo_mlx.batch_generate(m, p, ["a", "b"], max_tokens=[3]), "max_tokens has 1 entries"),

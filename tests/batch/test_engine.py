@@ -4,6 +4,7 @@ the one `generate` gives alone. Driven step by step, and in its background threa
 
 import threading
 
+import mlx.core as mx
 import pytest
 from cumo_mlx.batch import BatchEngine
 from cumo_mlx.errors import CuMoError
@@ -90,7 +91,10 @@ def test_stop_token_and_per_request_options(mistral, alone):
     drain(engine)
     (response,) = list(stopped)
     assert response.finish_reason == "stop" and response.token == eos and response.text == ""
-    assert tokens_of(list(other)) == alone(mistral, "What shape is this?", None, max_tokens=10)[0]
+    responses = list(other)
+    assert tokens_of(responses) == alone(mistral, "What shape is this?", None, max_tokens=10)[0]
+    vocab_size = model.args.text_config.vocab_size
+    assert all(r.logprobs.shape == (vocab_size,) and int(mx.argmax(r.logprobs)) == r.token for r in responses)
 
 
 def test_a_bad_request_ends_alone(mistral, alone, tmp_path):
@@ -130,3 +134,13 @@ def test_background_thread_serves_submitters_on_other_threads(mistral, images, a
         assert tokens_of(results[i]) == alone(mistral, question, image, max_tokens=6)[0]
     assert len(seen) == sum(len(r) for r in results.values())  # on_response saw every response
     assert list(endless)[-1].finish_reason == "cancelled"  # close() ends what is left
+
+
+def test_call_runs_work_on_the_engine_thread_between_steps(mistral, alone):
+    with BatchEngine(*mistral) as engine:
+        stream = engine.submit("hello", temp=0.0, max_tokens=12)
+        where = engine.call(threading.current_thread).result(timeout=60)
+        with pytest.raises(ZeroDivisionError):  # the caller gets the exception; the engine goes on
+            engine.call(lambda: 1 / 0).result(timeout=60)
+        assert tokens_of(list(stream)) == alone(mistral, "hello", None, max_tokens=12)[0]
+    assert where.name == "cumo-mlx-batch-engine"

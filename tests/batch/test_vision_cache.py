@@ -4,8 +4,10 @@ a hit gives the very answer a miss gives."""
 import cumo_mlx
 import mlx.core as mx
 import numpy as np
+import pytest
 from cumo_mlx.batch import VisionCache
-from cumo_mlx.batch.vision_cache import pixels_digest
+from cumo_mlx.vision_cache import pixels_digest
+from cumo_mlx.errors import ImageError
 from PIL import Image
 
 
@@ -63,3 +65,14 @@ def test_hits_give_the_answers_misses_give(mistral, images, alone):
     assert second.tokens == first.tokens
     for i, (prompt, entry) in enumerate(zip(prompts, entries)):
         assert first.tokens[i] == alone(mistral, prompt, entry, max_tokens=8)[0]
+
+
+def test_every_image_is_read_before_the_tower_runs(mistral, images, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    cache = VisionCache()
+    with pytest.raises(ImageError, match="^image 2: cannot read"):
+        cache.encode_all(*mistral, [images[0], broken])
+    assert cache.misses == 0 and len(cache) == 0
+    encoded = cache.encode_all(*mistral, [images[0], images[0]])
+    assert [e.hit for e in encoded] == [False, True]

@@ -22,13 +22,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-import cumo_mlx
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -38,9 +38,6 @@ from cumo_mlx.cli.main import main as cli_main
 from cumo_mlx.convert import checkpoint as checkpoint_module
 from cumo_mlx.convert import convert as convert_module
 from cumo_mlx.convert.convert import convert
-from cumo_mlx.errors import CuMoError
-from cumo_mlx.models.config import ModelArgs
-from cumo_mlx.models.model import Model, original_name
 from mlx.utils import tree_flatten
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -51,6 +48,11 @@ from torch_reference import (
     load_original_state_dict,
     original_state_dict,
 )
+
+import cumo_mlx
+from cumo_mlx.errors import CuMoError
+from cumo_mlx.models.config import ModelArgs
+from cumo_mlx.models.model import Model, original_name
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
@@ -477,6 +479,19 @@ def _broken(kind: str, src: Path, state: dict) -> tuple[str, ...]:
     if kind == "no weights":
         (src / "model.safetensors").unlink()
         return ("no weights in",)
+    if kind == "overlapping tensors":  # the second tensor's offsets moved onto the first's bytes
+        path = src / "model.safetensors"
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        entries = json.loads(data[8 : 8 + n])
+        first, second = [name for name in entries if name != "__metadata__"][:2]
+        begin, end = entries[second]["data_offsets"]
+        start = entries[first]["data_offsets"][0]
+        entries[second]["data_offsets"] = [start, start + end - begin]
+        blob = json.dumps(entries, separators=(",", ":")).encode()
+        assert len(blob) <= n  # the same header length: the offsets still count from the same byte
+        path.write_bytes(data[:8] + blob.ljust(n) + data[8 + n :])
+        return ("overlap", first, second)
     raise ValueError(kind)
 
 
@@ -490,6 +505,7 @@ FAILURES = [
     "missing shard",
     "empty directory",
     "no weights",
+    "overlapping tensors",
 ]
 
 
@@ -560,6 +576,19 @@ def test_existing_destination(tmp_path, capsys):
     # The checkpoint itself is never a valid destination, even with --force.
     code, _, err = run_cli(["--hf-path", src, "--mlx-path", src, "--force"], capsys)
     assert_one_error_line(code, err, "would replace the checkpoint")
+
+
+@pytest.mark.parametrize("mlx_path", ["..", ".", "/"])
+def test_force_never_replaces_a_mount_point_or_the_folders_around_us(tmp_path, capsys, monkeypatch, mlx_path):
+    """A mount point cannot be moved aside (EBUSY); the folder we are in (or one holding it) would vanish."""
+    config, _, state = reference("mistral-dense-mlp2x")
+    src = write_checkpoint(tmp_path / "src", state, config)
+    (tmp_path / "work" / "here").mkdir(parents=True)
+    (tmp_path / "work" / "keep.txt").write_text("keep")
+    monkeypatch.chdir(tmp_path / "work" / "here")
+    code, _, err = run_cli(["--hf-path", src, "--mlx-path", mlx_path, "--force"], capsys)
+    assert_one_error_line(code, err, "cannot be replaced")
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["here", "keep.txt"]
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -781,3 +810,98 @@ def test_tensor_in_two_files_and_index_naming_absent_tensors(tmp_path, capsys):
         code, err, "model.safetensors.index.json are not in its shards", "model.layers.7.self_attn.q_proj.weight"
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_quantization_options_without_quantize_are_refused(tmp_path, capsys):
+    for flag, value in (("--q-bits", 8), ("--q-group-size", 32)):
+        code, _, err = run_cli(["--hf-path", tmp_path, "--mlx-path", tmp_path / "x", flag, value], capsys)
+        assert_one_error_line(code, err, f"{flag} has no effect without --quantize", "add -q")
+    with pytest.raises(CuMoError, match="--q-bits has no effect without --quantize"):
+        convert(str(tmp_path), str(tmp_path / "x"), q_bits=8)
+
+
+def test_summary_says_what_was_left_unquantized(tmp_path, capsys):
+    """Every LLM width of the tiny model is 32 or 96 wide: group 128 quantizes nothing (it said "4-bit"),
+    group 64 leaves the 96-wide down projections as floats."""
+    config, _, state = reference("mistral-dense-mlp2x")
+    src = write_checkpoint(tmp_path / "src", state, config)
+    code, out, err = run_cli(["--hf-path", src, "--mlx-path", tmp_path / "q128", "-q", "--q-group-size", 128], capsys)
+    assert code == 0, err
+    assert "(float32, nothing quantized)" in out and "4-bit" not in out
+    assert "left at float32: their input size is not a multiple of the group size 128" in out
+    code, out, err = run_cli(["--hf-path", src, "--mlx-path", tmp_path / "q64", "-q"], capsys)
+    assert code == 0, err
+    assert "4-bit (group 64)" in out and "layer(s) left at float32" in out
+    code, out, err = run_cli(["--hf-path", src, "--mlx-path", tmp_path / "q32", "-q", "--q-group-size", 32], capsys)
+    assert code == 0 and "4-bit (group 32)" in out and "left at" not in out, out
+
+
+def test_no_torch_warning_on_a_protocol_4_pickle(tmp_path):
+    """torch warns (UserWarning) on pickles written with protocol 4; the tensors are checked here."""
+    config, _, state = reference("mistral-dense-mlp2x")
+    src = write_checkpoint(tmp_path / "src", state, config)
+    (src / "model.safetensors").unlink()
+    torch.save({k: v.contiguous() for k, v in state.items()}, src / "pytorch_model.bin", pickle_protocol=4)
+    command = [sys.executable, "-W", "default", "-c", "from cumo_mlx.cli.main import entry_point; entry_point()",
+               "convert", "--hf-path", str(src),
+               "--mlx-path", str(tmp_path / "mlx"), "--no-progress"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert "Warning" not in done.stderr, done.stderr
+    assert done.returncode == 0 or done.stderr.count("\n") == 1, done.stderr
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["generate", "convert"])
+def test_unreachable_hub_fails_at_once(tmp_path, command):
+    """Without network (HF_HUB_OFFLINE unset) huggingface_hub retried for 49 s, printing 11 lines."""
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HOME=str(tmp_path / "hf"),
+               CUMO_MLX_CACHE=str(tmp_path / "cache"))  # fmt: skip
+    for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(key, None)
+    args = {"generate": ["generate", "--model", "nobody-here/no-such-cumo", "--prompt", "hi"],
+            "convert": ["convert", "--hf-path", "nobody-here/no-such-cumo", "--mlx-path", str(tmp_path / "out")]}[command]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()", *args],
+                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert time.monotonic() - started < 20
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "not in the local Hugging Face cache and the hub cannot be reached (http://127.0.0.1:" in done.stderr
+
+
+def test_a_download_says_its_size_and_where_first(tmp_path, monkeypatch, capsys):
+    """`generate` without --model fetches the 7B checkpoint: it says how much and where before starting."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from cumo_mlx import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("CUMO_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "_unreachable", lambda: None)
+    files = {"config.json": 2_000, "model.safetensors": 14_500_000_000, "tokenizer.model": 500_000, "README.md": 9, "x.bin": 7}
+    siblings = [SimpleNamespace(rfilename=name, size=size) for name, size in files.items()]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, revision=None, files_metadata=False:
+                        SimpleNamespace(siblings=siblings))  # fmt: skip
+    fetched = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        fetched.append(allow_patterns)
+        raise ConnectionError("stopped by the test")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(ConnectionError()))
+    code = cli_main(["generate", "--prompt", "hi"])  # no --model: the default hub checkpoint
+    err = capsys.readouterr().err
+    assert code == 2 and fetched and "model.safetensors" in fetched[0] and "x.bin" not in fetched[0]
+    announce = f"shi-labs/CuMo-mistral-7b: downloading 3 files, 14.50 GB, into {tmp_path / 'hub'}"
+    assert err.splitlines()[0].startswith(announce), err
+    assert err.splitlines()[-1].startswith("error: cannot download shi-labs/CuMo-mistral-7b"), err

@@ -145,3 +145,17 @@ def test_malformed_question_files(tmp_path):
 
 def test_every_task_is_covered():
     assert set(TASKS) == set(EXPECTED) | {"scienceqa", "mmbench", "mmbench_cn", "custom"}
+
+
+@pytest.mark.parametrize("escape", ["../../outside.png", "/etc/hostname", "link"])
+def test_a_question_file_image_must_stay_inside_the_benchmark_folder(tmp_path, escape):
+    """An image name that climbs out, an absolute one, or a symlink in the folder pointing out: one-line error."""
+    folder = eval_folders.pope(tmp_path)
+    outside = eval_folders.png(tmp_path / "outside.png")
+    (folder / "val2014" / "link").symlink_to(outside)
+    path = folder / "llava_pope_test.jsonl"
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace("COCO_val2014_1.png", escape)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CuMoError, match="lies outside"):
+        list(questions("pope", tmp_path))

@@ -1,43 +1,43 @@
-"""What the server tests share: a tiny model that answers in plain text, a real uvicorn on a free
-local port in a thread, raw HTTP requests, and images as data: URIs."""
+"""What the server tests share: a real uvicorn on a free local port in a thread, `cumo-mlx serve` in a
+subprocess, raw HTTP requests, and images as data: URIs."""
 
 import base64
 import http.client
 import io
 import json
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-import cumo_mlx
-import mlx.core as mx
+import pytest
 import uvicorn
-from cumo_mlx.loader import save
 from cumo_mlx.serve.app import ServerConfig, create_app
 from PIL import Image
-from tiny_models import write_mlx_model
-
-
-def write_text_model(directory: Path, config: dict) -> Path:
-    """A tiny CuMo whose LM head cannot pick special or byte-fallback pieces (their rows are 0):
-    greedy answers are plain text that never ends on its own (as tests/test_generate.py's)."""
-    write_mlx_model(directory, config)
-    model, processor = cumo_mlx.load(directory)
-    pieces = processor.tokenizer.convert_ids_to_tokens(list(range(config["vocab_size"])))
-    blocked = mx.array([i for i, piece in enumerate(pieces) if i < 3 or piece.startswith("<0x")])
-    weight = model.language_model.lm_head.weight
-    weight[blocked] = 0
-    model.language_model.lm_head.weight = weight
-    save(directory, model, tokenizer_source=directory)
-    return directory
 
 
 def data_uri(image: Image.Image, kind: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, kind)
     return f"data:image/{kind.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def start_server(model_dir, *flags):
+    """`cumo-mlx serve` in a subprocess on a free port: (process, port, its stderr lines so far)."""
+    command = [sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()",
+               "serve", "--model", str(model_dir), "--port", "0", "--log-level", "warning", *flags]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if ready := re.search(r"is ready at http://127\.0\.0\.1:(\d+)/v1", line):
+            threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()  # keep draining
+            return process, int(ready.group(1)), lines
+    process.wait(10)
+    pytest.fail(f"the server did not start: {''.join(lines)}")
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import cumo_mlx
 from cumo_mlx.models.s2 import merge_scales
 from cumo_mlx.prompt import DEFAULT_SYSTEM
 from cumo_mlx.serve.app import ServerConfig
-from cumo_mlx.serve.backend import ThreadBackend
+from cumo_mlx.serve.backend import BatchBackend
 from cumo_mlx.serve.expert_view import answer_ids, expert_view, image_sites, stitch
 
 IMAGE = Path(__file__).resolve().parents[2] / "examples" / "shapes.png"
@@ -135,7 +135,7 @@ def test_token_routes_are_those_of_decoding(mixtral):
 
 @pytest.fixture(scope="module")
 def routes_port(mixtral):
-    backend = ThreadBackend(lambda: mixtral).start()
+    backend = BatchBackend(lambda: mixtral).start()
     assert backend.ready.wait(30)
     with serving(backend, ServerConfig("tiny", api_key="key")) as port:
         yield port

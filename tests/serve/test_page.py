@@ -4,16 +4,13 @@ chromium-driver), driven by Selenium, against a real server on a local port."""
 import base64
 import json
 import re
-import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from serving import write_text_model
-from tiny_models import tiny_config
+from serving import start_server
+from tiny_models import tiny_config, write_text_model
 
 import cumo_mlx
 
@@ -46,19 +43,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     """`cumo-mlx serve` with the tiny model and an API key, on a free local port: its base URL."""
-    command = [sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()", "serve",
-               "--model", str(model_dir), "--port", "0", "--api-key", KEY, "--log-level", "warning"]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if ready := re.search(r"is ready at (http://127\.0\.0\.1:\d+)/v1", line):
-            threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()  # keep draining
-            break
-    else:
-        process.wait(10)
-        pytest.fail(f"the server did not start: {''.join(lines)}")
-    yield ready.group(1)
+    process, port, lines = start_server(model_dir, "--api-key", KEY)
+    yield f"http://127.0.0.1:{port}"
     process.terminate()
     assert process.wait(30) == 0, "".join(lines)
 

@@ -3,38 +3,19 @@
 
 import http.client
 import json
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 from cli_util import assert_one_error_line, run_cli
-from serving import write_text_model
-from tiny_models import tiny_config
+from serving import start_server
+from tiny_models import tiny_config, write_text_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_text_model(tmp_path_factory.mktemp("tiny-cli"), tiny_config())
-
-
-def start_server(model_dir, *flags):
-    """`cumo-mlx serve` in a subprocess on a free port: (process, port, its stderr lines so far)."""
-    command = [sys.executable, "-c", "from cumo_mlx.cli.main import entry_point; entry_point()",
-               "serve", "--model", str(model_dir), "--port", "0", "--log-level", "warning", *flags]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if ready := re.search(r"is ready at http://127\.0\.0\.1:(\d+)/v1", line):
-            threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()  # keep draining
-            return process, int(ready.group(1)), lines
-    process.wait(10)
-    pytest.fail(f"the server did not start: {''.join(lines)}")
 
 
 def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(model_dir):

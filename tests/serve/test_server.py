@@ -16,12 +16,12 @@ import openai
 import pytest
 from cumo_mlx.prompt import chat_prompt
 from cumo_mlx.serve.app import ServerConfig
-from cumo_mlx.serve.backend import ThreadBackend
+from cumo_mlx.serve.backend import BatchBackend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from serving import data_uri, http_site, metric, post, request, serving, write_text_model
-from tiny_models import tiny_config
+from serving import data_uri, http_site, metric, post, request, serving
+from tiny_models import tiny_config, write_text_model
 
 QUESTION = "What shape is this?"
 WORDS = "red green blue yellow purple orange white black one two three circle square triangle star".split()
@@ -34,7 +34,7 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backend(loaded):
-    backend = ThreadBackend(lambda: loaded).start()
+    backend = BatchBackend(lambda: loaded).start()
     assert backend.ready.wait(30)
     yield backend
     backend.close()
@@ -323,7 +323,7 @@ def test_api_key_and_cors(backend):
 def test_full_queue_is_503_with_retry_after(loaded, backend):
     import http.client
 
-    busy = ThreadBackend(lambda: loaded, max_queue=1).start()  # the module's backend is idle meanwhile
+    busy = BatchBackend(lambda: loaded, max_queue=1, max_batch_size=1).start()  # the module's backend is idle meanwhile
     assert busy.ready.wait(30)
     long = json.dumps({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3900, "stream": True})
     connections = []
@@ -346,7 +346,7 @@ def test_full_queue_is_503_with_retry_after(loaded, backend):
 
 def test_health_is_503_while_loading(loaded):
     release = threading.Event()
-    loading = ThreadBackend(lambda: (release.wait(30), loaded)[1]).start()
+    loading = BatchBackend(lambda: (release.wait(30), loaded)[1]).start()
     try:
         with serving(loading) as port:
             assert request(port, "GET", "/health")[0] == 503

@@ -158,6 +158,9 @@ def test_epoch_order_is_seeded_sorted_and_sharded():
     assert sorted(i for b in a for i in b) == list(range(7)) and [len(b) for b in a] == [3, 3, 1]
     s = epoch_batches(lengths, 3, seed=0, epoch=0, sort_by_length=True)
     assert sorted(map(sorted, s)) == sorted(map(sorted, [[1, 5, 3], [0, 4, 6], [2]]))
+    # the sorted batches come in a seeded random order: not always by length, and another each epoch
+    orders = [epoch_batches(lengths, 3, seed=0, epoch=e, sort_by_length=True) for e in range(6)]
+    assert len({str(o) for o in orders}) > 1 and any(o[0] != [1, 5, 3] for o in orders)
     batch = a[0]
     assert shard(batch, 0, 2) + shard(batch, 1, 2) == batch[0::2] + batch[1::2]
 

@@ -1,46 +1,20 @@
 """Data parallel over mx.distributed: a real 2-process `mlx.launch --backend ring` run on localhost."""
 
 import json
-import random
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from cli_util import LAUNCH, launch_two_ranks
 from cumo_mlx.train.trainer import TrainConfig, Trainer
 from mlx.utils import tree_flatten
 from tiny_data import instruct_samples, write_dataset, write_images
 from tiny_models import tiny_config, write_mlx_model
 
 HERE = Path(__file__).resolve().parent
-LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
 pytestmark = pytest.mark.skipif(LAUNCH is None, reason="mlx.launch is not installed")
-
-
-def free_ports() -> int:
-    """A port p with p and p + 1 free (the ring backend listens on one port per rank)."""
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
-def launch(*command: str) -> None:
-    result = subprocess.run(
-        [LAUNCH, "--backend", "ring", "-n", "2", "--starting-port", str(free_ports()), "--python", sys.executable, *command],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +46,8 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(work):
     for key in ("model", "data", "image_folder", "stage", "fine_tune_type", "batch_size", "iters", "lora_rank",
                 "lora_dropout", "learning_rate", "warmup_ratio"):
         options += ["--" + key.replace("_", "-"), str(settings[key])]
-    launch(str(HERE / "distributed_worker.py"), "train", *options, "--output", str(out), "--no-progress")
+    worker = HERE / "distributed_worker.py"
+    launch_two_ranks("--python", sys.executable, worker, "train", *options, "--output", out, "--no-progress")
     rank0 = mx.load(str(out / "rank0-of-2.safetensors"))
     rank1 = mx.load(str(out / "rank1-of-2.safetensors"))
     assert rank0.keys() == rank1.keys() == single.keys()

@@ -104,3 +104,18 @@ def test_adapters_that_do_not_fit(work, tmp_path, capsys):
         load_adapters(model, adapters)
     assert cli_main(["fuse", "--model", str(base), "--adapter-path", str(base), "--mlx-path", str(tmp_path / "x")]) == 2
     assert "full model directory" in capsys.readouterr().err
+
+
+def test_fuse_never_writes_over_a_model_or_its_inputs_without_force(work, tmp_path, capsys):
+    base = write_mlx_model(tmp_path / "base", tiny_config())
+    adapters = train_adapters(work, base, tmp_path / "adapters", iters=1)
+    other = write_mlx_model(tmp_path / "other", tiny_config(llm="mixtral"))
+    before = (other / "config.json").read_bytes()
+    fuse = ["fuse", "--model", str(base), "--adapter-path", str(adapters), "--mlx-path"]
+    assert cli_main([*fuse, str(other)]) == 2
+    assert "already exists" in capsys.readouterr().err and (other / "config.json").read_bytes() == before
+    for target in (base, adapters):  # an input, even with --force
+        assert cli_main([*fuse, str(target), "--force"]) == 2
+        assert "an input of this command" in capsys.readouterr().err
+    assert cli_main([*fuse, str(other), "--force"]) == 0
+    assert (other / "config.json").read_bytes() != before  # the fused (Mistral) model replaced the Mixtral one

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cumo_mlx.cli.main import main as cli_main
-from cumo_mlx.errors import CuMoError
+from cumo_mlx.errors import CuMoError, DataError
 from cumo_mlx.models.config import ModelArgs
 from cumo_mlx.models.model import Model
 from cumo_mlx.train.checkpoints import TrainingError
-from cumo_mlx.train.data import Dataset, collate
+from cumo_mlx.train.data import Dataset, collate, first_target
 from cumo_mlx.train.losses import Totals, batch_losses
 from cumo_mlx.train.optim import adamw, cosine_lr
 from cumo_mlx.train.options import TrainConfig
@@ -442,3 +443,143 @@ def test_cli_reports_and_counts_bad_samples(work, tmp_path, capsys):
     assert "skipping sample 'ghost' (#5): image file not found: ghost.png" in out and "skipped 1 bad sample(s)" in out
     assert cli_main([*base, "--output", str(tmp_path / "b"), "--strict"]) == 2
     assert "'ghost'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, runs with nothing to train, failed runs, resuming another model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(seed=-1), r"--seed must be in \[0, 4294967295\]"),
+        (dict(seed=12345678901234567890), r"--seed must be in \[0, 4294967295\]"),
+        (dict(iters=None, epochs=math.inf), "--epochs must be positive and finite"),
+        (dict(iters=None, epochs=math.nan), "--epochs must be positive and finite"),
+        (dict(iters=None, epochs=[1]), r"--epochs must be a number, not \[1\]"),
+        (dict(iters={"a": 1}), "--iters must be a whole number"),
+        (dict(batch_size=2.5), "--batch-size must be a whole number, not 2.5"),
+        (dict(iters=True), "--iters must be a whole number, not True"),
+        (dict(max_seq_length=0), "--max-seq-length must be at least 2"),
+        (dict(max_seq_length=1), "--max-seq-length must be at least 2"),
+        (dict(lora_layers=-2), "--lora-layers must be positive, or -1 for all"),
+        (dict(max_grad_norm=math.inf), "--max-grad-norm must be non-negative and finite"),
+        (dict(strict="yes"), "--strict must be true or false"),
+        (dict(data=3), "--data must be a text"),
+    ],
+)
+def test_every_setting_is_checked_in_one_place(settings, message):
+    """TrainConfig checks the type and range of every setting, for the API, the CLI and the YAML alike."""
+    with pytest.raises(CuMoError, match=message):
+        TrainConfig(**{"model": "m", "data": "d", "output": "o", "iters": 1, **settings}).resolved()
+    resolved = TrainConfig(model="m", data=Path("d"), output="o", learning_rate=1, seed=2**32 - 1).resolved()
+    assert resolved.learning_rate == 1.0 and isinstance(resolved.learning_rate, float) and resolved.data == "d"
+
+
+def test_a_sample_whose_answers_are_truncated_away_is_skipped(work, tmp_path, capsys):
+    # the others' answers start within 116 positions (image rows included), this one's at 790
+    long = {"id": "long", "conversations": [{"from": "human", "value": "many words " * 100}, {"from": "gpt", "value": "yes"}]}
+    data = write_dataset(tmp_path, instruct_samples(work["names"]) + [long])
+    trainer = Trainer(config(work, tmp_path / "out", data=data, batch_size=6, iters=2, max_seq_length=200))
+    result = trainer.run()
+    assert "skipping sample 'long' (#5): its answers all lie past --max-seq-length 200" in capsys.readouterr().out
+    assert result["skipped"] == 1 and [r["samples"] for r in records(tmp_path / "out")] == [5, 5]
+
+
+def test_first_target_is_where_truncation_starts_losing_answers(encoded_samples):
+    for sample in encoded_samples:  # two images, one, none
+        first = first_target(sample, 16)
+        assert collate([sample], 16, first).num_targets == 0 < collate([sample], 16, first + 1).num_targets
+
+
+@pytest.mark.parametrize("cause", ["answers past --max-seq-length", "unreadable images"])
+def test_nothing_trainable_is_an_error_and_leaves_no_output(work, tmp_path, cause):
+    """Every sample turns out bad while loading: exit 2 with nothing written, the folders it made removed."""
+    folder, settings = work["images"], dict(max_seq_length=4)
+    if cause == "unreadable images":
+        folder, settings = tmp_path / "broken", {}
+        folder.mkdir()
+        for name in work["names"].values():
+            (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+        data = write_dataset(tmp_path, [s for s in instruct_samples(work["names"]) if "image" in s])
+    else:
+        data = work["instruct"]
+    out = tmp_path / "new" / "out"
+    trainer = Trainer(config(work, out, data=data, image_folder=str(folder), iters=5, save_every=1, **settings))
+    with pytest.raises(DataError, match="no usable samples left|nothing was trained"):
+        trainer.run()
+    assert not (tmp_path / "new").exists()
+    # Seen by one step alone (2 of 5 samples): the end of the run finds nothing trained.
+    with pytest.raises(DataError, match="nothing was trained"):
+        Trainer(config(work, out, data=data, image_folder=str(folder), iters=1, **settings)).run()
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_output(work, tmp_path, monkeypatch):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+
+    def crash(self, step, batches, error):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    for out in (tmp_path / "a" / "b", existing):
+        with pytest.raises(RuntimeError, match="a bug"):
+            Trainer(config(work, out)).run()
+    assert not (tmp_path / "a").exists()
+    assert sorted(p.name for p in existing.iterdir()) == ["keep.txt", "metrics.jsonl"]  # not ours to remove
+
+
+def test_resume_refuses_another_model_of_the_same_shapes(work, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(work["moe"], other)
+    weights = mx.load(str(other / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "mm_projector" in k and k.endswith("weight"))
+    weights[name] = weights[name] + 1
+    mx.save_safetensors(str(other / "model.safetensors"), weights)
+    out = tmp_path / "out"
+    run_until(Trainer(config(work, out, iters=3, save_every=1)), 1)
+    with pytest.raises(TrainingError, match=f"different run.*model: {work['moe'].resolve()} there, {other} now"):
+        Trainer(config(work, out, model=other, iters=3, save_every=1, resume=True)).run()
+    moved = tmp_path / "moved"  # the same model in another folder resumes
+    shutil.copytree(work["moe"], moved)
+    assert Trainer(config(work, out, model=moved, iters=3, save_every=1, resume=True)).run()["steps"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping: random draws per step, steps without samples, checkpoints kept
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_step_and_micro_batch_draws_its_own_randomness(work, tmp_path):
+    """Dropout masks differ from step to step and micro-batch to micro-batch, and repeat on resume."""
+    trainer = Trainer(config(work, tmp_path / "out", lora_dropout=0.1))
+
+    def draw(step, micro):
+        trainer._seed(step, micro)
+        return tuple(np.array(mx.random.uniform(shape=(8,))).tolist())
+
+    draws = {(step, micro): draw(step, micro) for step in (1, 2, 3) for micro in (0, 1)}
+    assert len(set(draws.values())) == len(draws)
+    assert draw(2, 1) == draws[2, 1]
+
+
+def test_a_step_whose_samples_were_all_bad_leaves_weights_and_optimizer_alone(work, tmp_path):
+    """No AdamW momentum nor weight decay acts on the zero gradients of a step without samples."""
+    trainer = Trainer(config(work, tmp_path / "out", weight_decay=0.1, iters=3))
+    trainer.begin()
+    trainer.train_step(1, trainer.data.load(1)[0], None)
+    weights, state = flat(trainer.model.trainable_parameters()), flat(trainer.optimizer.state)
+    record = trainer.train_step(2, [], None)
+    assert record["samples"] == 0
+    after, state_after = flat(trainer.model.trainable_parameters()), flat(trainer.optimizer.state)
+    assert all(np.array_equal(np.array(weights[k]), np.array(after[k])) for k in weights)
+    assert state.keys() == state_after.keys()
+    assert all(np.array_equal(np.array(state[k]), np.array(state_after[k])) for k in state)
+
+
+def test_keep_checkpoints_keeps_exactly_the_last_n(work, tmp_path):
+    Trainer(config(work, tmp_path / "out", iters=5, save_every=1, keep_checkpoints=2)).run()
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]

@@ -76,6 +76,18 @@ def test_upcycling_an_moe_model_is_refused(tiny_mlx_model_dir, tmp_path, capsys)
         upcycle(model, 4, 5)
 
 
+def test_upcycle_never_writes_over_a_model_without_force(dense_dir, tiny_mlx_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli_main(["upcycle", "--model", str(dense_dir), "--mlx-path", str(out), "--num-experts", "2", "--top-k", "1"]) == 0
+    before = (out / "config.json").read_bytes()
+    assert cli_main(["upcycle", "--model", str(dense_dir), "--mlx-path", str(out), "--num-experts", "3"]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "config.json").read_bytes() == before
+    assert cli_main(["upcycle", "--model", str(dense_dir), "--mlx-path", str(dense_dir), "--force"]) == 2
+    assert "an input of this command" in capsys.readouterr().err
+    assert cli_main(["upcycle", "--model", str(dense_dir), "--mlx-path", str(out), "--num-experts", "3", "--force"]) == 0
+    assert cumo_mlx.load(out)[0].args.num_experts == 3
+
+
 def test_sft_moves_routers_and_experts_apart(dense_dir, image, tmp_path):
     folder, names = image
     assert cli_main(["upcycle", "--model", str(dense_dir), "--mlx-path", str(tmp_path / "moe")]) == 0

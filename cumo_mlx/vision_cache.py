@@ -15,13 +15,14 @@ import hashlib
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from ..models.model import Model
-from ..processor import ImageSource, Processor
+from .errors import ImageError
+from .models.model import Model
+from .processor import ImageSource, Processor
 
 DEFAULT_MAX_BYTES = 512 << 20
 
@@ -92,7 +93,20 @@ class VisionCache:
     def encode(self, model: Model, processor: Processor, source: ImageSource) -> EncodedImage:
         """One image's features [1, rows, hidden] through the cache: read and preprocessed here
         (an unreadable image raises ImageError), the vision tower and connector run only on a miss."""
-        pixels = processor.preprocess_image(source)
+        return self._encode_pixels(model, processor.preprocess_image(source))
+
+    def encode_all(self, model: Model, processor: Processor, sources: Sequence[ImageSource]) -> list[EncodedImage]:
+        """Several images through the cache, every one read first (as `generate` does): an unreadable
+        image raises ImageError, saying which, before the vision tower runs on any."""
+        pixels = []
+        for index, source in enumerate(sources, 1):
+            try:
+                pixels.append(processor.preprocess_image(source))
+            except ImageError as e:
+                raise ImageError(f"image {index}: {e.what}", e.fix) from None
+        return [self._encode_pixels(model, p) for p in pixels]
+
+    def _encode_pixels(self, model: Model, pixels: np.ndarray) -> EncodedImage:
         digest = pixels_digest(pixels)
         compute = lambda: model.encode_images(mx.array(pixels[None])).features  # noqa: E731
         return EncodedImage(digest, *self._lookup(model, digest, compute))
