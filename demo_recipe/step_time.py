@@ -1,114 +1,92 @@
-"""Time one training step (forward + backward) of the demo CuMo on a batch of shapes samples.
+"""Time one training step of the demo CuMo against its bare forward and backward pass.
 
-    python demo_recipe/step_time.py [--batch-size 8] [--moe/--dense] [--steps 10]
+    python demo_recipe/step_time.py [--batch-size 8] [--dense] [--steps 10] [--json]
 
-Builds the demo config (`demo_model`), randomly initialised, renders a few shapes
-images, and times value_and_grad of a stand-in loss: cross-entropy on the answer tokens plus the
-balance and router-z losses of every MoE site (the trainer's exact loss lives in the training
-code; the work per step is the same). Prints the median step time.
+Writes a randomly initialised demo model (`demo_model`: the upcycled MoE, or the dense model of
+stages 1-2 with --dense) and a small shapes dataset into a temporary folder, trains it through the
+`Trainer` (full fine-tuning, stage sft, or pft with --dense) and, right after each step, times
+value_and_grad of the trainer's own loss alone on that step's batches. Prints the medians over the
+steps after two warm-up ones and their ratio: what a step adds to its forward+backward (the counts,
+the gradient sum, clipping, the two AdamWs, the metrics, the next step's data loading).
 """
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import cumo_mlx  # noqa: F401  (optimized BLAS before mlx)
 import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
+from cumo_mlx.loader import save
 from cumo_mlx.models.config import ModelArgs
 from cumo_mlx.models.model import Model
-from cumo_mlx.models.moe import balance_loss, router_z_loss
-from cumo_mlx.processor import Processor
-from cumo_mlx.prompt import IGNORE_INDEX, IMAGE_TOKEN_INDEX, chat_prompt
-from cumo_mlx.shapes import make_sample
-from demo_model import build_tokenizer, demo_config
+from cumo_mlx.shapes import write_dataset
+from cumo_mlx.train.losses import Totals
+from cumo_mlx.train.options import TrainConfig
+from cumo_mlx.train.trainer import Trainer
+from demo_model import demo_config, write_tokenizer
 
 
-class _Tokenizer:
-    """The demo tokenizer with the two methods Processor needs (no files, no transformers)."""
-
-    def __init__(self):
-        self.inner = build_tokenizer()
-        self.bos_token_id = 1
-
-    def encode(self, text):
-        return self.inner.encode(text).ids
-
-
-def make_batch(processor: Processor, batch_size: int, seed: int = 0):
-    ids_list, label_list, images = [], [], []
-    for index in range(batch_size):
-        sample = make_sample(seed, index)
-        _, question, answer = sample.turns[0]
-        prompt_ids = processor.tokenize(chat_prompt([f"<image>\n{question}"]))
-        ids = processor.tokenize(chat_prompt([f"<image>\n{question}", answer]))
-        assert ids[: len(prompt_ids)] == prompt_ids
-        ids_list.append(ids)
-        label_list.append([IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :])
-        images.append(sample.image)
-    return ids_list, label_list, processor.preprocess_images(images)
+def write_inputs(root: Path, moe: bool, count: int) -> tuple:
+    """A random demo model and a shapes dataset of `count` images under `root`."""
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(demo_config(moe=moe)))
+    mx.eval(model.parameters())
+    write_tokenizer(root / "model")
+    save(root / "model", model)
+    write_dataset(root / "data", count, progress=False)
+    return root / "model", root / "data"
 
 
-def step_loss(model: Model, ids_list, label_list, pixels):
-    encoding = model.encode_images(pixels)
-    embeddings, labels = [], []
-    image_tokens = encoding.features.shape[1]
-    for i, (ids, lab) in enumerate(zip(ids_list, label_list)):
-        embeddings.append(model.embed_inputs(ids, encoding.features[i : i + 1]))
-        at = ids.index(IMAGE_TOKEN_INDEX)
-        labels.append(lab[:at] + [IGNORE_INDEX] * image_tokens + lab[at + 1 :])
-    length = max(e.shape[0] for e in embeddings)
-    hidden = embeddings[0].shape[-1]
-    batch = mx.stack([mx.concatenate([e, mx.zeros((length - e.shape[0], hidden), e.dtype)]) for e in embeddings])
-    targets = mx.array([lab + [IGNORE_INDEX] * (length - len(lab)) for lab in labels])
-    logits, _ = model.language_model.forward(None, input_embeddings=batch)
-    logits, targets = logits[:, :-1], targets[:, 1:]
-    mask = targets != IGNORE_INDEX
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0)) * mask
-    loss = ce.sum() / mask.sum()
-    routings = list(encoding.vision_routings)
-    if encoding.connector_routing is not None:
-        routings.append(encoding.connector_routing)
-    for routing in routings:
-        loss = loss + 0.1 * balance_loss(routing.logits, per_sequence=True) + 0.01 * router_z_loss(routing.logits)
-    return loss
+def bare_time(trainer: Trainer, step: int) -> float:
+    """Seconds of value_and_grad of the trainer's loss over step `step`'s micro-batches, evaluated."""
+    batches, _ = trainer.data.load(step)
+    totals = Totals.of(batches)
+    start = time.perf_counter()
+    for batch in batches:
+        mx.eval(trainer.loss_fn(trainer.model, batch.as_mx(), totals))
+    return time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after two warm-up ones)")
     parser.add_argument("--dense", action="store_true", help="the dense model of stages 1-2 (default: upcycled MoE)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args()
 
-    mx.random.seed(0)
-    args = ModelArgs.from_dict(demo_config(moe=not options.dense))
-    model = Model(args)
-    model.train()
-    processor = Processor(_Tokenizer(), args)
-    ids_list, label_list, pixels = make_batch(processor, options.batch_size)
-    params = sum(v.size for _, v in nn.utils.tree_flatten(model.parameters()))
-    step = nn.value_and_grad(model, lambda *a: step_loss(model, *a))
-
-    times, cpu = [], []
-    for i in range(options.steps + 2):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        loss, grads = step(ids_list, label_list, pixels)
-        mx.eval(loss, grads)
-        if i >= 2:  # warm-up
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - start_cpu)
-    tokens = sum(len(ids) - 1 + args.image_tokens for ids in ids_list)
-    kind = "dense" if options.dense else f"MoE {args.num_experts} experts top-{args.num_selected}"
+    with tempfile.TemporaryDirectory() as folder:
+        model, data = write_inputs(Path(folder), not options.dense, options.batch_size * (options.steps + 2))
+        stage = "pft" if options.dense else "sft"
+        config = TrainConfig(
+            model=str(model), data=str(data / "instruct.json"), image_folder=str(data), output=f"{folder}/run", stage=stage,
+            fine_tune_type="full", batch_size=options.batch_size, iters=options.steps + 2, save_every=options.steps + 2,
+            progress=False,
+        )  # fmt: skip
+        trainer = Trainer(config, report=lambda message: None)
+        records, bare = [], []
+        for record in trainer.steps():  # each step then its bare pass: a changing load hits both alike
+            records.append(record)
+            bare.append(bare_time(trainer, record["step"]))
+    step, bare = statistics.median(r["seconds"] for r in records[2:]), bare[2:]
+    result = {
+        "model": "dense" if options.dense else "moe", "stage": stage, "batch_size": options.batch_size,
+        "steps": options.steps, "tokens_per_step": statistics.median(r["tokens"] for r in records[2:]),
+        "forward_backward_s": statistics.median(bare), "step_s": step, "steps_per_second": 1 / step,
+        "overhead": step / statistics.median(bare) - 1,
+    }  # fmt: skip
+    if options.json:
+        print(json.dumps(result))
+        return
     print(
-        f"demo CuMo ({kind}, {params / 1e6:.2f}M parameters), batch {options.batch_size} "
-        f"({tokens} LLM tokens): forward+backward median {statistics.median(times) * 1000:.0f} ms "
-        f"(min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f}; CPU time median {statistics.median(cpu) * 1000:.0f}) "
-        f"over {len(times)} steps, loss {loss.item():.3f}"
+        f"demo CuMo ({result['model']}, stage {stage}), batch {options.batch_size} (~{result['tokens_per_step']:.0f} tokens): "
+        f"training step {step * 1000:.0f} ms ({1 / step:.2f} steps/s), its forward+backward alone "
+        f"{result['forward_backward_s'] * 1000:.0f} ms: overhead {result['overhead']:+.1%} (medians over {options.steps} steps)"
     )
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

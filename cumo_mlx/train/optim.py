@@ -7,7 +7,10 @@ The vision tower has its own AdamW, so that it can train at its own peak rate (L
 """
 
 import math
+from functools import partial
+from typing import Callable, Optional
 
+import mlx.core as mx
 import mlx.optimizers as optim
 
 
@@ -33,14 +36,33 @@ def vision_and_rest(weight_decay: float) -> optim.MultiOptimizer:
     return optim.MultiOptimizer(optimizers, [lambda path, _: path.startswith("vision_tower.")])
 
 
-def update(optimizer: optim.MultiOptimizer, model, grads, rates: tuple, max_grad_norm: float, apply: bool = True):
-    """Clip the gradients to `max_grad_norm` (0: no clipping), set the (vision, rest) learning
-    `rates` and, when `apply`, update the model; the gradient norm before clipping (or None)."""
-    grad_norm = None
-    if max_grad_norm > 0:
-        grads, grad_norm = optim.clip_grad_norm(grads, max_grad_norm)
-    if apply:
+def compiled_update(optimizer: optim.MultiOptimizer, model, max_grad_norm: float) -> Callable:
+    """`apply(grads, rates, apply=True)`: clip the gradients to `max_grad_norm` (0: no clipping),
+    set the (vision, rest) learning `rates` and, when `apply`, update the model; it returns the
+    gradient norm before clipping (None without clipping).
+
+    The clipping and both AdamWs run as one `mx.compile`d function with the model and the
+    optimizer state as inputs and outputs (as mlx-lm's tuner/trainer.py compiles its step), which
+    fuses their ~15 elementwise operations per weight: 24 -> 11 ms a step on the demo's 2.1M
+    weights. Build it once the optimizer state is final (after a resume loads it): a state object
+    assigned later is not seen.
+    """
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(grads):
+        norm = mx.array(0.0)
+        if max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+        optimizer.update(model, grads)
+        return norm
+
+    def apply(grads, rates: tuple, apply: bool = True) -> Optional[mx.array]:
+        if not apply:  # the norm alone
+            return optim.clip_grad_norm(grads, max_grad_norm)[1] if max_grad_norm > 0 else None
         for part, rate in zip(optimizer.optimizers, rates):
             part.learning_rate = rate
-        optimizer.update(model, grads)
-    return grad_norm
+        norm = step(grads)
+        return norm if max_grad_norm > 0 else None
+
+    return apply

@@ -56,7 +56,7 @@ from .checkpoints import (
 from .data import Dataset, StepLoader
 from .lora import apply_lora, is_quantized, lora_parameters, save_adapters, stored_dtype, sync_quantization
 from .losses import Totals, batch_losses, component_names, moe_sites
-from .optim import cosine_lr, update, vision_and_rest
+from .optim import compiled_update, cosine_lr, vision_and_rest
 from .options import TrainConfig
 
 
@@ -216,6 +216,7 @@ class Trainer:
         self.recompute = GradCheckpoint(self.model) if c.grad_checkpoint else None
         self.optimizer = vision_and_rest(c.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
+        self.update = None  # compiled by `begin`, once a resume has loaded the optimizer state
         self.step, self.records = 0, []
         self.trained_samples = 0  # over all ranks, this run and the one it resumes
         self.loss_fn = nn.value_and_grad(self.model, self._loss)
@@ -266,7 +267,7 @@ class Trainer:
         peaks = (c.vision_learning_rate, c.learning_rate)
         vision_lr, lr = (cosine_lr(step - 1, self.data.total_steps, peak, c.warmup_ratio) for peak in peaks)
         # a step whose samples were all bad leaves the weights alone
-        grad_norm = update(self.optimizer, self.model, grads, (vision_lr, lr), c.max_grad_norm, apply=counts["batches"] > 0)
+        grad_norm = self.update(grads, (vision_lr, lr), apply=counts["batches"] > 0)
         mx.eval(self.model.parameters(), self.optimizer.state)
         seconds = time.perf_counter() - tic
         record = {"step": step, "lr": lr, **({"vision_lr": vision_lr} if "vision" in self.parts else {})}
@@ -312,6 +313,7 @@ class Trainer:
         maybe_set_recommended_wired_limit()
         if c.resume:
             self.restore()
+        self.update = compiled_update(self.optimizer, self.model, c.max_grad_norm)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_metrics(self.out / METRICS, self.records)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cumo_mlx
 import mlx.core as mx
+import mlx.optimizers as mlx_optim
 import numpy as np
 import pytest
 import torch
@@ -22,10 +23,10 @@ from cumo_mlx.models.model import Model
 from cumo_mlx.train.checkpoints import TrainingError
 from cumo_mlx.train.data import Dataset, collate, first_target
 from cumo_mlx.train.losses import Totals, batch_losses
-from cumo_mlx.train.optim import adamw, cosine_lr
+from cumo_mlx.train.optim import adamw, compiled_update, cosine_lr, vision_and_rest
 from cumo_mlx.train.options import TrainConfig
 from cumo_mlx.train.trainer import Trainer
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from tiny_data import caption_samples, instruct_samples, write_dataset, write_images
 from tiny_models import tiny_config, write_mlx_model
 from torch_reference import balance_loss as ref_balance
@@ -317,6 +318,36 @@ def test_adamw_is_torchs():
         weight.grad = torch.tensor(grad)
         reference.step()
     np.testing.assert_allclose(np.array(params["w"]), weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_compiled_update_equals_the_plain_one(max_grad_norm):
+    """Three updates at changing rates: the compiled update gives the gradient norms and weights of
+    clip_grad_norm and the two AdamWs run operation by operation."""
+    models, optimizers = [], []
+    for _ in range(2):
+        mx.random.seed(0)
+        models.append(Model(ModelArgs.from_dict(tiny_config())))
+        optimizers.append(vision_and_rest(0.1))
+        optimizers[-1].init(models[-1].trainable_parameters())
+    plain, compiled = models
+    apply = compiled_update(optimizers[1], compiled, max_grad_norm)
+    for rates in [(1e-3, 2e-3), (5e-4, 1e-3), (0.0, 3e-3)]:
+        grads = tree_map(lambda p: mx.random.normal(p.shape), plain.trainable_parameters())
+        norm = None
+        if max_grad_norm > 0:
+            clipped, norm = mlx_optim.clip_grad_norm(grads, max_grad_norm)
+        for part, rate in zip(optimizers[0].optimizers, rates):
+            part.learning_rate = rate
+        optimizers[0].update(plain, clipped if max_grad_norm > 0 else grads)
+        got = apply(grads, rates)
+        assert (got is None) == (norm is None)
+        if norm is not None:
+            assert got.item() == pytest.approx(norm.item(), rel=1e-6)
+    a, b = flat(plain.parameters()), flat(compiled.parameters())
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 def test_accumulation_equals_one_big_batch(work, tmp_path):
