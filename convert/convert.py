@@ -460,10 +460,12 @@ def resolve_source(hf_path: str, revision: Optional[str], progress: bool) -> tup
 
 def read_args(config: dict, base_dir: Optional[Path] = None) -> ModelArgs:
     """The ModelArgs of a checkpoint's config.json. An original one names its vision tower instead of
-    holding its config: a built-in or local tower is read by ModelArgs, any other is fetched from the hub."""
+    holding its config: a built-in or local tower's, else one fetched from the hub, is embedded."""
     tower = config.get("mm_vision_tower")
-    if config.get("vision_config") is None and isinstance(tower, str) and local_vision_config(tower, base_dir) is None:
-        vision = read_vision_tower(hub.download_vision_tower(tower))
+    if config.get("vision_config") is None and isinstance(tower, str):
+        vision = local_vision_config(tower, base_dir)  # (read once here, not again by ModelArgs)
+        if vision is None:
+            vision = read_vision_tower(hub.download_vision_tower(tower))
         config = {**config, "vision_config": dataclasses.asdict(vision)}
     return ModelArgs.from_dict(config, base_dir)
 

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -112,10 +112,19 @@ def load_image(source: ImageSource) -> Image.Image:
         if path and not os.path.exists(path):  # (False for a name too long to be a path, where Path.exists raises)
             raise ImageError(f"image file not found: {name}", "check the path")
         data = regular_file(path, "image", IMAGE_MAX_BYTES, ImageError)
+    return decode_image(data, name)
+
+
+def decode_image(data: BinaryIO, name: str, max_pixels: Optional[int] = None) -> Image.Image:
+    """An RGB PIL image from an image file's bytes (`name` says which in errors), EXIF orientation
+    applied; ImageError if it cannot be read, or has over `max_pixels` (checked before decoding)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(data) as opened:  # closed here: multi-frame files (GIF) keep it open otherwise
+                if max_pixels is not None and opened.width * opened.height > max_pixels:
+                    size = f"{opened.width}x{opened.height}"
+                    raise ImageError(f"{name} is {size} pixels, over the limit of {max_pixels}", "send a smaller image")
                 opened.load()
                 return _oriented_rgb(opened)
     except ImageError:

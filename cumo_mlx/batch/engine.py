@@ -46,6 +46,7 @@ from .stream import RequestStream, TokenResponse
 
 logger = logging.getLogger("cumo_mlx.batch")
 
+
 @dataclass
 class BatchStats:
     """What an engine did: prompt positions prefilled (and reused from the prompt cache), tokens

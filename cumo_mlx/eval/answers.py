@@ -82,7 +82,11 @@ def _record(path: Path, number: int, line: str, task: str) -> dict:
     return record
 
 
-def _parse(path: Path, text: str, task: str) -> list[dict]:
+def _parse(path: Path, data: bytes, task: str) -> list[dict]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CuMoError(f"answers file {path} is not UTF-8 text", FORMAT) from None
     # Split at "\n" only: JSON escapes it inside strings, but not other line breaks such as U+2028.
     return [_record(path, number, line, task) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
 
@@ -102,10 +106,7 @@ def read_answers(path: Path, task: str) -> list[dict]:
     data = _read(path)
     if data and not data.endswith(b"\n") and not _is_record(data[data.rfind(b"\n") + 1 :]):
         raise CuMoError(f"{path} ends in a half-written line (its run was stopped)", "finish the run with --resume")
-    try:
-        return _parse(path, data.decode("utf-8"), task)
-    except UnicodeDecodeError:
-        raise CuMoError(f"answers file {path} is not UTF-8 text", FORMAT) from None
+    return _parse(path, data, task)
 
 
 def resume_answers(path: Path, task: str) -> Counter:
@@ -122,11 +123,7 @@ def resume_answers(path: Path, task: str) -> Counter:
         whole = data.rfind(b"\n") + 1
         data = data + b"\n" if _is_record(data[whole:]) else data[:whole]
         path.write_bytes(data)
-    try:
-        records = _parse(path, data.decode("utf-8"), task)
-    except UnicodeDecodeError:
-        raise CuMoError(f"answers file {path} is not UTF-8 text", FORMAT) from None
-    return Counter((record["question_id"], record["prompt"]) for record in records)
+    return Counter((record["question_id"], record["prompt"]) for record in _parse(path, data, task))
 
 
 def remaining(questions: Iterable[Question], done: Counter) -> Iterator[Question]:

@@ -30,3 +30,8 @@ def llava_questions(path: Path, source: str, image_folder: Path, max_new_tokens:
     for number, line in read_jsonl(path, source):
         where = f"{path} line {number}"
         yield question_from_line(line, where, image_in(image_folder, get(line, "image", where), where), max_new_tokens)
+
+
+def question_ids(path: Path, source: str) -> list:
+    """The question ids of a LLaVA question file, in file order (no image is looked at)."""
+    return [get(line, "question_id", f"{path} line {number}") for number, line in read_jsonl(path, source)]

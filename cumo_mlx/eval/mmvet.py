@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .answers import check_known
-from .files import LLAVA_EVAL_ZIP, get, read_jsonl, require
-from .llava_questions import llava_questions
+from .files import LLAVA_EVAL_ZIP, require
+from .llava_questions import llava_questions, question_ids
 from .question import LONG_ANSWER_TOKENS, Question
 
 FOLDERS = ("mm-vet", "mmvet")
@@ -25,8 +25,6 @@ def questions(folder: Path) -> Iterator[Question]:
 
 
 def upload(folder: Path, answers: list[dict], destination: Path) -> None:
-    path = folder / QUESTIONS
-    ids = {get(line, "question_id", f"{path} line {number}") for number, line in read_jsonl(path, LLAVA_EVAL_ZIP)}
-    check_known(answers, ids, "mmvet", QUESTIONS)
+    check_known(answers, set(question_ids(folder / QUESTIONS, LLAVA_EVAL_ZIP)), "mmvet", QUESTIONS)
     results = {f"v1_{answer['question_id']}": answer["text"] for answer in answers}
     destination.write_text(json.dumps(results, indent=2), encoding="utf-8")

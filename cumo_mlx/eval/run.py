@@ -64,5 +64,6 @@ def run_task(
             if len(texts) != len(batch):
                 raise ValueError(f"answer_batch gave {len(texts)} answers to {len(batch)} questions")
             for question, text in zip(batch, texts, strict=True):
-                writer.write(question, text.strip())
-                yield question, text.strip()
+                text = text.strip()
+                writer.write(question, text)
+                yield question, text

@@ -12,8 +12,8 @@ from typing import Iterator
 
 from .answers import check_known
 from .evalai import normalise_answer
-from .files import LLAVA_EVAL_ZIP, get, read_jsonl, require
-from .llava_questions import llava_questions
+from .files import LLAVA_EVAL_ZIP, require
+from .llava_questions import llava_questions, question_ids
 from .question import SHORT_ANSWER_TOKENS, Question
 
 FOLDERS = ("vqav2",)
@@ -29,8 +29,7 @@ def questions(folder: Path) -> Iterator[Question]:
 
 
 def upload(folder: Path, answers: list[dict], destination: Path) -> None:
-    path = folder / ALL_QUESTIONS
-    ids = [get(line, "question_id", f"{path} line {number}") for number, line in read_jsonl(path, LLAVA_EVAL_ZIP)]
+    ids = question_ids(folder / ALL_QUESTIONS, LLAVA_EVAL_ZIP)
     check_known(answers, set(ids), "vqav2", ALL_QUESTIONS)
     texts = {answer["question_id"]: answer["text"] for answer in answers}
     entries = [{"question_id": i, "answer": normalise_answer(texts[i]) if i in texts else ""} for i in ids]

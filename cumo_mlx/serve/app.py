@@ -234,8 +234,7 @@ def create_app(backend, config: ServerConfig) -> FastAPI:
     def chat_page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(CountRequests, metrics=server.metrics)
     if config.allowed_origins:
         app.add_middleware(

@@ -54,10 +54,8 @@ def as_api_error(error: BaseException) -> APIError:
 def install(app: FastAPI) -> None:
     """Answer every error the app can meet in the one shape."""
 
-    async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return error.response()
-
     async def known_error(request: Request, error: Exception) -> JSONResponse:
+        # For a 500, Starlette logs the traceback after this handler answers.
         return as_api_error(error).response()
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -66,13 +64,7 @@ def install(app: FastAPI) -> None:
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return APIError(400, str(error)).response()
 
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        # Starlette logs the traceback after this handler answers.
-        return APIError(500, INTERNAL).response()
-
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(CuMoError, known_error)
-    app.add_exception_handler(Unavailable, known_error)
+    for kind in (APIError, CuMoError, Unavailable, Exception):
+        app.add_exception_handler(kind, known_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, internal_error)

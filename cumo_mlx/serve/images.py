@@ -16,7 +16,6 @@ import os
 import time
 import urllib.parse
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ from PIL import Image
 
 from ..errors import ImageError
 from ..paths import inside
-from ..processor import _HttpRedirectsOnly, load_image
+from ..processor import _HttpRedirectsOnly, decode_image
 
 
 @dataclass(frozen=True)
@@ -42,31 +41,14 @@ class ImageFetcher:
         except ValueError:
             raise ImageError(f"{shorten(url)} is not a valid URL", "give a data: URI or an http(s) URL") from None
         if scheme == "data":
-            return self.decode(self._data_uri(url), "the data: URI")
-        if scheme in ("http", "https"):
-            return self.decode(self._download(url), shorten(url))
-        if scheme in ("file", ""):
-            return self.decode(self._local_file(url), shorten(url))
-        raise ImageError(f"unsupported image URL scheme {scheme!r}", "give a data: URI or an http(s) URL")
-
-    def decode(self, data: bytes, name: str) -> Image.Image:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as opened:
-                    if opened.width * opened.height > self.max_pixels:
-                        raise ImageError(
-                            f"{name} is {opened.width}x{opened.height} pixels, over the limit of {self.max_pixels}",
-                            "send a smaller image",
-                        )
-                    opened.load()
-                    return load_image(opened)
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(f"{name} is too large to decode safely", "send a smaller image") from None
-        except Exception as e:  # not an image, truncated, unsupported
-            raise ImageError(f"cannot read {name} as an image ({type(e).__name__})", "send a PNG, JPEG or other image") from None
+            data, name = self._data_uri(url), "the data: URI"
+        elif scheme in ("http", "https"):
+            data, name = self._download(url), shorten(url)
+        elif scheme in ("file", ""):
+            data, name = self._local_file(url), shorten(url)
+        else:
+            raise ImageError(f"unsupported image URL scheme {scheme!r}", "give a data: URI or an http(s) URL")
+        return decode_image(io.BytesIO(data), name, self.max_pixels)
 
     def _data_uri(self, url: str) -> bytes:
         header, comma, payload = url.partition(",")

@@ -171,7 +171,6 @@ def write_output(out: Path, model, info: dict, model_path: Path, base_dtype: Opt
         return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".lora_a", ".lora_b")) else v
                 for k, v in weights.items()}
 
-    out.mkdir(parents=True, exist_ok=True)
     c = info["training"]
     if "llm-lora" in info["trained"]:
         parameters = lora_parameters(c["lora_rank"], c["lora_alpha"], c["lora_dropout"])

@@ -147,3 +147,12 @@ def test_run_task_checks_the_engine(tmp_path):
     folder = shapes(tmp_path)
     with pytest.raises(ValueError, match="gave 0 answers to 1 questions"):
         list(run_task("shapes", folder, tmp_path / "a.jsonl", lambda batch: [], "m"))
+
+
+def test_an_answers_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(json.dumps({"question_id": 0, "prompt": "p", "text": "t"}).encode() + b"\n\xff\xfe\n")
+    for read in (read_answers, resume_answers):
+        with pytest.raises(CuMoError, match="is not UTF-8 text") as error:
+            read(path, "shapes")
+        assert "\n" not in str(error.value)

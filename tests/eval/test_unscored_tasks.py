@@ -21,6 +21,8 @@ def test_vqav2_upload(tmp_path):
         {"question_id": 2, "answer": "yes"},
         {"question_id": 3, "answer": ""},
     ]
+    with pytest.raises(CuMoError, match="question 7, which is not a vqav2 question"):
+        write_upload("vqav2", tmp_path, write_answers(tmp_path / "b.jsonl", [(7, "p", "t")]), tmp_path / "y.json")
 
 
 def test_mmvet_upload(tmp_path):
