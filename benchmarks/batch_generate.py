@@ -153,7 +153,7 @@ def throughput_part(args) -> dict:
         prompts = random_prompts(max(args.batches), args.prompt, vocab)
         results[f"{name} float32"] = measure_throughput(model, processor, prompts, args)
         if name.startswith("mistral"):
-            quantization_plan(model, 4, 64, quantize_vision=False)
+            quantization_plan(model, 4, 64, vision_bits=None)
             prompts = random_prompts(max(args.quantized_batches), args.quantized_prompt, vocab)
             results[f"{name} 4-bit"] = measure_throughput(model, processor, prompts, args, quantized=True)
         del model

@@ -11,20 +11,24 @@ llm     Slices of Mistral-7B (--layers decoder layers) and Mixtral-8x7B (--mixtr
         evaluated), then decode tok/s of --tokens greedy tokens from that cache through mlx-lm's
         `generate_step` (the tokens after the first over their time), and peak memory. Float
         (float32 on the CPU backend, float16 on a GPU) and 4-bit, quantized as `cumo-mlx convert -q`
-        does (group 64; routers stay float).
+        does (group 64; routers stay float). Decoding reads every weight once per token (of
+        Mixtral's experts the 2 of 8 chosen, on average), the final norm and lm_head, and the KV
+        cache: those bytes x decode tok/s against the machine's copy bandwidth measured in the
+        same run (harness.copy_bandwidth: read + written bytes/s of a numpy copy on all cores).
 image   One image through CuMo-7B's vision side (CLIP-L/14-336 with 4-expert top-2 MoE MLPs, S2
         [1, 3]: 10 crops, 23 of the 24 layers run; the MoE connector), then the prefill of the
         prompt (system prompt + the image's 576 rows) through mlx-lm's generate_step with LLM slices
         of 1 and 2 layers. Its chunked prefill evaluates only the KV caches, so each added layer
         costs one full layer: the 32-layer prefill is t1 + 31 (t2 - t1). Float and 4-bit LLM (the
         vision side stays float, as the converter leaves it).
-memory  Peak memory of a whole 4-bit CuMo-Mistral-7B with its vision tower and connector in float16
-        = the exact bytes of its weights (counted on a lazy full-size model quantized as the
-        converter does: nothing allocated) + the working memory of the float `image` run with 2
-        layers (its peak minus its weights: image features, activations, the KV cache of 2 layers,
-        in float32, so an upper bound of float16's) + the float16 KV cache of the other 30 layers
-        for the prompt and --tokens generated tokens. Also with the vision side quantized
-        (`cumo-mlx convert -q --quantize-vision`).
+memory  Peak memory of a whole CuMo-Mistral-7B as `cumo-mlx convert -q` makes it (LLM 4-bit,
+        vision tower and connector 8-bit, other floats float16) = the exact bytes of its weights
+        (counted on a lazy full-size model quantized as the converter does: nothing allocated) +
+        the working memory of the float `image` run with 2 layers (its peak minus its weights:
+        image features, activations, the KV cache of 2 layers, in float32, so an upper bound of
+        float16's) + the float16 KV cache of the other 30 layers for the prompt and
+        --memory-tokens generated tokens. Also with the vision side float16 (--no-quantize-vision) and 4-bit
+        (--vision-bits 4).
 
 The CPU backend's quantized matmul has no fast kernel (~1.4 GFLOP/s here, linear in the rows), so
 there the 4-bit prompts are shorter (--quantized-prompt, --quantized-positions) and the 4-bit
@@ -33,13 +37,14 @@ image prefill is reported per token.
 
 import time
 from contextlib import contextmanager
+from typing import Optional
 from statistics import median
 
 import harness
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from cumo_mlx.convert.convert import quantization_plan
+from cumo_mlx.convert.convert import VISION_BITS, quantization_plan
 from cumo_mlx.models.config import ModelArgs, TextConfig
 from cumo_mlx.models.language import LanguageModel
 from cumo_mlx.models.model import Model
@@ -65,7 +70,7 @@ def float_dtype() -> mx.Dtype:
 
 
 def quantize(model: nn.Module) -> None:
-    quantization_plan(model, Q_BITS, Q_GROUP, quantize_vision=False)
+    quantization_plan(model, Q_BITS, Q_GROUP, vision_bits=None)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -126,9 +131,30 @@ def run_generation(model: nn.Module, prompt: mx.array, tokens: int) -> dict:
     }
 
 
+def decode_bytes_per_token(model: nn.Module, positions: float) -> float:
+    """Bytes one decoded token reads: every decoder weight (of E experts the k chosen), the final
+    norm and lm_head, and the KV cache of `positions` positions."""
+    args = model.args
+    share = {"experts": args.num_experts_per_tok / args.num_local_experts} if getattr(args, "num_local_experts", None) else {}
+    params = tree_flatten(model.parameters())
+    weights = sum(v.nbytes * (share["experts"] if ".experts." in k or ".switch_mlp." in k else 1)
+                  for k, v in params if "embed_tokens" not in k)  # fmt: skip
+    kv_heads = args.num_key_value_heads
+    head_dim = args.hidden_size // args.num_attention_heads
+    kv = 2 * len(model.layers) * kv_heads * head_dim * positions * float_dtype().size
+    return weights + kv
+
+
+def add_bandwidth(figures: dict, per_token: float, copy_bytes_per_s: float) -> None:
+    figures["decode_bytes_per_token"], figures["copy_bytes_per_s"] = per_token, copy_bytes_per_s
+    for name in ("ours", "mlx-lm"):
+        figures[name]["decode_bytes_per_s"] = per_token * figures[name]["decode_tps"]
+        figures[name]["decode_of_copy_bandwidth"] = figures[name]["decode_bytes_per_s"] / copy_bytes_per_s
+
+
 def llm_part(args, widths: dict) -> dict:
     prompt = mx.array(np.random.default_rng(0).integers(0, COMMON["vocab_size"], args.prompt))
-    results = {}
+    copy_before, results, per_token = harness.copy_bandwidth(), {}, {}
     for name, moe, layers in (("mistral", False, args.layers), ("mixtral", True, args.mixtral_layers)):
         experts = {"num_local_experts": 8, "num_experts_per_tok": 2} if moe else {}
         ours, theirs = llm_pair(moe, layers, {**widths, **experts})
@@ -143,8 +169,12 @@ def llm_part(args, widths: dict) -> dict:
             figures["prompt"] = tokens.size
             figures["decode_ratio"] = figures["ours"]["decode_tps"] / figures["mlx-lm"]["decode_tps"]
             figures["prefill_ratio"] = figures["ours"]["prefill_tps"] / figures["mlx-lm"]["prefill_tps"]
-            results[f"{name} {layers}L {precision}"] = figures
+            case = f"{name} {layers}L {precision}"
+            results[case], per_token[case] = figures, decode_bytes_per_token(ours, tokens.size + args.tokens / 2)
         del ours, theirs
+    copy = max(copy_before, harness.copy_bandwidth())  # the better of a copy before and one after
+    for case, figures in results.items():
+        add_bandwidth(figures, per_token[case], copy)
     return results
 
 
@@ -251,11 +281,11 @@ def image_part(args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def full_model_weight_bytes(quick: bool, quantize_vision: bool = False) -> dict:
+def full_model_weight_bytes(quick: bool, vision_bits: Optional[int]) -> dict:
     """Bytes of a whole 4-bit CuMo-7B's weights (float parts float16), counted on a lazy model."""
     model = build_cumo(LLM_LAYERS, quick, lazy=True)
     model.set_dtype(mx.float16)
-    quantization_plan(model, Q_BITS, Q_GROUP, quantize_vision)  # scales and biases float16, as converted
+    quantization_plan(model, Q_BITS, Q_GROUP, vision_bits)  # scales and biases float16, as converted
     parts = {"vision_tower": model.vision_tower, "connector": model.mm_projector, "llm": model.language_model}
     return {name: weight_bytes(module) for name, module in parts.items()}
 
@@ -266,16 +296,16 @@ def memory_part(image: dict, tokens: int, quick: bool) -> dict:
     kv_per_layer = 2 * llm["num_key_value_heads"] * head_dim * (image["positions"] + tokens) * 2  # float16 K and V
     working = image["float_peak_bytes"] - image["float_weights_bytes"]
     rest = working + (LLM_LAYERS - 2) * kv_per_layer
-    weights = full_model_weight_bytes(quick)
-    weights_qv = full_model_weight_bytes(quick, quantize_vision=True)
+    weights = {bits: full_model_weight_bytes(quick, bits) for bits in (VISION_BITS, None, 4)}
     return {
-        "weights_bytes": weights,
+        "tokens": tokens,
+        "weights_bytes": weights[VISION_BITS],
         "working_bytes": working,
         "kv_cache_other_layers_bytes": (LLM_LAYERS - 2) * kv_per_layer,
-        "estimated_peak_bytes": sum(weights.values()) + rest,
-        "estimated_peak_gb": (sum(weights.values()) + rest) / GB,
-        "quantized_vision_weights_bytes": weights_qv,
-        "quantized_vision_estimated_peak_gb": (sum(weights_qv.values()) + rest) / GB,
+        "estimated_peak_bytes": sum(weights[VISION_BITS].values()) + rest,
+        "estimated_peak_gb": (sum(weights[VISION_BITS].values()) + rest) / GB,
+        "float16_vision_estimated_peak_gb": (sum(weights[None].values()) + rest) / GB,
+        "4bit_vision_estimated_peak_gb": (sum(weights[4].values()) + rest) / GB,
     }
 
 
@@ -288,13 +318,16 @@ def llm_report(results: dict, args) -> str:
         for name in ("ours", "mlx-lm"):
             f = figures[name]
             label = case if name == "ours" else ""
-            rows.append([label, name, f["prefill_tps"], f["decode_tps"], f["peak_gb"], f["runs"]])
-        rows.append(["", "ours / mlx-lm", figures["prefill_ratio"], figures["decode_ratio"], None, None])
+            rows.append([label, name, f["prefill_tps"], f["decode_tps"], f["decode_bytes_per_s"] / 1e9,
+                         f["decode_of_copy_bandwidth"], f["peak_gb"], f["runs"]])  # fmt: skip
+        rows.append(["", "ours / mlx-lm", figures["prefill_ratio"], figures["decode_ratio"], None, None, None, None])
     title = (
         f"LLM: prefill of {args.prompt} prompt tokens ({args.quantized_prompt} at 4-bit), "
-        f"then {args.tokens} tokens decoded greedily by mlx-lm's generate_step"
+        f"then {args.tokens} tokens decoded greedily by mlx-lm's generate_step; the machine's copy "
+        f"bandwidth {next(iter(results.values()))['copy_bytes_per_s'] / 1e9:.1f} GB/s"
     )
-    headers = ["model", "implementation", "prefill tok/s", "decode tok/s", "peak GB", "runs"]
+    headers = ["model", "implementation", "prefill tok/s", "decode tok/s", "decode GB/s read", "of copy bandwidth",
+               "peak GB", "runs"]  # fmt: skip
     return title + "\n" + harness.table(headers, rows)
 
 
@@ -317,12 +350,14 @@ def image_report(r: dict) -> str:
 def memory_report(m: dict) -> str:
     w = {name: f"{size / GB:.2f} GB" for name, size in m["weights_bytes"].items()}
     return "\n".join([
-        "Peak memory of a whole 4-bit CuMo-Mistral-7B (vision tower and connector float16), estimated:",
+        f"Peak memory of a whole CuMo-Mistral-7B from `convert -q` (LLM 4-bit, vision side {VISION_BITS}-bit) "
+        f"answering one image with {m['tokens']} tokens, estimated:",
         f"  weights: LLM {w['llm']} + vision tower {w['vision_tower']} + connector {w['connector']} (exact)",
         f"  + working memory of one image and the prompt {m['working_bytes'] / GB:.2f} GB (measured, float32)",
         f"  + KV cache of the other {LLM_LAYERS - 2} layers {m['kv_cache_other_layers_bytes'] / GB:.2f} GB",
         f"  = {m['estimated_peak_gb']:.2f} GB",
-        f"  (vision side quantized too, --quantize-vision: {m['quantized_vision_estimated_peak_gb']:.2f} GB)",
+        f"  (vision side float16, --no-quantize-vision: {m['float16_vision_estimated_peak_gb']:.2f} GB; "
+        f"4-bit, --vision-bits 4: {m['4bit_vision_estimated_peak_gb']:.2f} GB)",
     ])  # fmt: skip
 
 
@@ -330,6 +365,7 @@ def main():
     p = harness.parser(__doc__.split("\n")[0], repeats=3)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens of the llm part")
     p.add_argument("--tokens", type=int, default=16, help="tokens generated")
+    p.add_argument("--memory-tokens", type=int, default=512, help="tokens generated in the memory estimate")
     p.add_argument("--quantized-prompt", type=int, default=None,
                    help="prompt tokens of the 4-bit llm runs [default: 16 on the CPU backend, else --prompt]")
     p.add_argument("--quantized-positions", type=int, default=None,
@@ -353,8 +389,8 @@ def main():
     if "memory" in parts and "image" not in parts:
         parts.append("image")  # the estimate uses the image run's working memory
 
-    settings = ("prompt", "tokens", "layers", "mixtral_layers", "repeats", "image_repeats", "quantized_prompt",
-                "quantized_positions")  # fmt: skip
+    settings = ("prompt", "tokens", "memory_tokens", "layers", "mixtral_layers", "repeats", "image_repeats",
+                "quantized_prompt", "quantized_positions")  # fmt: skip
     result = {"machine": harness.machine(), "float_dtype": str(float_dtype()), "quick": args.quick,
               "settings": {k: getattr(args, k) for k in settings}}  # fmt: skip
     text = []
@@ -365,7 +401,7 @@ def main():
         result["image"] = image_part(args)
         text.append(image_report(result["image"]))
     if "memory" in parts:
-        result["memory"] = memory_part(result["image"], args.tokens, args.quick)
+        result["memory"] = memory_part(result["image"], args.memory_tokens, args.quick)
         text.append(memory_report(result["memory"]))
     if args.quick:
         text.append("--quick: tiny model, one run each (a smoke test, not a measurement)")

@@ -15,11 +15,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import cumo_mlx  # noqa: F401  (an optimized BLAS before mlx)
 import mlx.core as mx
-from cumo_mlx import blas
+import numpy as np
+from cumo_mlx import cpu
 
 GB = 1 << 30
 
@@ -93,6 +95,22 @@ def time_cases(
     return run_cases(timed, repeats, budget, min_seconds)
 
 
+def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """The machine's memory bandwidth: bytes/s (read + written, as STREAM counts a copy) of the best of
+    `repeats` copies of a `gib` GiB array by numpy (memcpy), split over one thread per core."""
+    source = np.ones(int(gib * GB) // 4, np.float32)
+    target = np.empty_like(source)
+    parts = np.array_split(np.arange(source.size), os.cpu_count() or 1)
+    bounds = [(int(part[0]), int(part[-1]) + 1) for part in parts if part.size]
+    best = math.inf
+    with ThreadPoolExecutor(len(bounds)) as pool:  # numpy releases the GIL while it copies
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            list(pool.map(lambda b: np.copyto(target[b[0] : b[1]], source[b[0] : b[1]]), bounds))
+            best = min(best, time.perf_counter() - tic)
+    return 2 * source.nbytes / best
+
+
 def run_python(code: str, *argv: str, env: Optional[dict] = None) -> dict:
     """The JSON object a fresh interpreter running `code` with `argv` prints last (a measurement that
     must not share this process's memory or loaded libraries); its error output stops the benchmark."""
@@ -104,26 +122,28 @@ def run_python(code: str, *argv: str, env: Optional[dict] = None) -> dict:
 
 def machine() -> dict:
     """Where the figures were taken."""
-    cpu = platform.processor() or platform.machine()
+    processor = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+        processor = names[0] if names else processor
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "date": datetime.date.today().isoformat(),
         "system": f"{platform.system()} {platform.machine()}",
-        "cpu": cpu,
+        "cpu": processor,
         "cores": os.cpu_count(),
         "memory_gb": round(memory / GB, 1),
         "mlx": mx.__version__,
         "device": str(mx.default_device()),
-        "blas": blas.loaded_library,
+        "blas": cpu.loaded_library,
+        "blas_core": cpu.loaded_core,
     }
 
 
 def describe(info: dict) -> str:
     blas_name = os.path.basename(info["blas"]) if info["blas"] else "MLX's built-in"
+    blas_name += f" ({info['blas_core']} kernels)" if info.get("blas_core") else ""
     return (
         f"{info['date']}, {info['system']}, {info['cpu']} ({info['cores']} cores), {info['memory_gb']} GB, "
         f"mlx {info['mlx']} on {info['device']}, BLAS: {blas_name}"

@@ -45,7 +45,15 @@ import click
     help="CLIP directory or hub id overriding config.json's mm_vision_tower.",
 )
 @click.option(
-    "--quantize-vision", is_flag=True, help="Quantize the vision tower and connector too (default: kept as floats)."
+    "--quantize-vision/--no-quantize-vision",
+    default=None,
+    help="With -q: quantize the vision tower and connector at --vision-bits (the default), or keep them as floats.",
+)
+@click.option(
+    "--vision-bits",
+    type=click.Choice(["2", "3", "4", "6", "8"]),
+    default=None,
+    help="Bits per weight of the vision tower and connector (with -q). Default: 8.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -60,14 +68,16 @@ def convert(
     revision,
     vision_tower,
     quantize_vision,
+    vision_bits,
     force,
     no_progress,
 ):
     """Convert an original CuMo checkpoint (safetensors or .bin) to MLX, optionally quantized.
 
-    Routers (CLIP, connector, Mixtral) are never quantized; the vision tower and connector are
-    kept as floats unless --quantize-vision; layers whose input size is not a multiple of the
-    group size stay unquantized. Writing is atomic: DST appears only when complete.
+    With -q the LLM is quantized at --q-bits (4), the vision tower and connector at --vision-bits
+    (8) unless --no-quantize-vision. Routers (CLIP, connector, Mixtral) are never quantized, nor
+    layers whose input size is not a multiple of the group size. Writing is atomic: DST appears
+    only when complete.
     """
     from cumo_mlx.convert.convert import convert as run
 
@@ -87,6 +97,7 @@ def convert(
         revision=revision,
         vision_tower=vision_tower,
         quantize_vision=quantize_vision,
+        vision_bits=None if vision_bits is None else int(vision_bits),
         force=force,
         progress=not no_progress,
         command=command,

@@ -20,12 +20,14 @@ Everything goes to a temporary directory beside DST that is renamed to DST at th
 hidden temporary directory, removed by the next conversion to the same DST).
 
 Quantization (-q): the LLM's linears, its embedding and lm_head, and Mixtral's stacked experts
-(QuantizedSwitchLinear, for gather_qmm) at --q-bits/--q-group-size, affine. Not quantized, kept as
-floats at --dtype: the routers of all three MoE sites (every `gate`), the vision tower and the
-connector unless --quantize-vision (CLIP's position embedding always, it is used as a raw
-table), and any layer whose input size is not a multiple of the group size. config.json's
-`quantization` records the defaults and maps each of those unquantized layers to false, so
-loading rebuilds exactly these modules.
+(QuantizedSwitchLinear, for gather_qmm) at --q-bits/--q-group-size, affine; the vision tower and
+the connector at --vision-bits (default 8: it keeps a 4-bit CuMo-7B under 6 GB while its outputs
+stay close to float16's, benchmarks/quantize_vision.py), or as floats with --no-quantize-vision.
+Not quantized, kept as floats at --dtype: the routers of all three MoE sites (every `gate`),
+CLIP's position embedding (used as a raw table), and any layer whose input size is not a
+multiple of the group size. config.json's `quantization` records the defaults, maps each
+unquantized layer to false and each layer at other bits to its own settings (mlx-lm's per-layer
+entries), so loading rebuilds exactly these modules.
 """
 
 import dataclasses
@@ -64,6 +66,8 @@ from .checkpoint import (
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (2, 3, 4, 6, 8)
 Q_GROUP_SIZES = (32, 64, 128)
+VISION_BITS = 8  # the vision tower's and connector's bits with -q, unless --vision-bits says otherwise
+VISION_SIDE = ("vision_tower.", "mm_projector.")
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's limit
 ROUTER = re.compile(r"(^|\.)gate$")  # the router of a SparseMoE (CLIP layer, connector, Mixtral layer)
 ALWAYS_FLOAT = re.compile(r"position_embedding$")  # read as a raw table, not through the module
@@ -83,6 +87,7 @@ class Summary:
     seconds: float
     quantized_layers: int = 0
     too_narrow: int = 0  # layers -q would quantize but for an input size that is not a multiple of the group size
+    vision_bits: Optional[int] = None  # the vision tower's and connector's bits; None: kept as floats
 
     @property
     def bits_per_weight(self) -> float:
@@ -92,7 +97,9 @@ class Summary:
         q = self.quantization
         how = self.dtype
         if q:
-            how = f"{q['bits']}-bit (group {q['group_size']})" if self.quantized_layers else f"{self.dtype}, nothing quantized"
+            vision = f"{self.vision_bits}-bit" if self.vision_bits else self.dtype
+            how = (f"LLM {q['bits']}-bit, vision {vision}, group {q['group_size']}" if self.quantized_layers
+                   else f"{self.dtype}, nothing quantized")  # fmt: skip
         line = (
             f"converted to {self.path}: {_count(self.parameters)} parameters, {_bytes(self.bytes_written)} written, "
             f"{self.bits_per_weight:.2f} bits per weight ({how}) in {self.seconds:.0f}s"
@@ -190,28 +197,37 @@ def validate(model: Model, groups: list[Group]) -> None:
         )
 
 
-def quantization_plan(model: Model, bits: int, group_size: int, quantize_vision: bool) -> tuple[dict, set[str]]:
-    """Quantize the lazy skeleton `model` in place; the config's `quantization` and the quantized paths."""
-    quantized: set[str] = set()
-    config = {"group_size": group_size, "bits": bits, "mode": "affine"}
+@dataclasses.dataclass
+class QuantizationPlan:
+    config: dict  # config.json's `quantization`
+    layers: dict[str, dict]  # each quantized layer's path -> its group_size, bits and mode
+    too_narrow: int  # layers kept as floats only because the group size does not divide their input size
+
+
+def quantization_plan(
+    model: Model, bits: Optional[int], group_size: int, vision_bits: Optional[int]
+) -> QuantizationPlan:
+    """Quantize the lazy skeleton `model` in place: the LLM at `bits`, the vision tower and the
+    connector at `vision_bits` (None: either kept as floats), routers and position embeddings never."""
+    plan = QuantizationPlan({"group_size": group_size, "bits": bits, "mode": "affine"}, {}, 0)
 
     def predicate(path: str, module: nn.Module):
         if not hasattr(module, "to_quantized"):
             return False
-        keep_float = (
-            ROUTER.search(path)
-            or ALWAYS_FLOAT.search(path)
-            or (not quantize_vision and path.startswith(("vision_tower.", "mm_projector.")))
-            or module.weight.shape[-1] % group_size != 0
-        )
-        if keep_float:
-            config[path] = False
+        layer_bits = vision_bits if path.startswith(VISION_SIDE) else bits
+        by_rule = ROUTER.search(path) or ALWAYS_FLOAT.search(path) or layer_bits is None
+        if by_rule or module.weight.shape[-1] % group_size != 0:
+            plan.config[path] = False
+            plan.too_narrow += not by_rule
             return False
-        quantized.add(path)
-        return True
+        params = {"group_size": group_size, "bits": layer_bits, "mode": "affine"}
+        plan.layers[path] = params
+        if layer_bits != bits:
+            plan.config[path] = params
+        return params
 
     nn.quantize(model, group_size, bits, mode="affine", class_predicate=predicate)
-    return config, quantized
+    return plan
 
 
 @dataclasses.dataclass
@@ -225,7 +241,7 @@ class OutputTensor:
         return math.prod(self.shape) * self.dtype.size
 
 
-def output_plan(model: Model, groups: list[Group], quantized: set[str], dtype: mx.Dtype) -> list[OutputTensor]:
+def output_plan(model: Model, groups: list[Group], quantized: dict, dtype: mx.Dtype) -> list[OutputTensor]:
     """Every tensor the output holds, in writing order, with its final shape and dtype."""
     params = dict(tree_flatten(model.parameters()))
     plan = []
@@ -268,9 +284,10 @@ class Plan:
     outputs: list[OutputTensor]
     dtype: str
     quantization: Optional[dict]  # config.json's `quantization`, None for floats
-    quantized: set[str]  # the quantized layers' paths
+    quantized: dict[str, dict]  # each quantized layer's path -> its group_size, bits and mode
     parameters: int
     too_narrow: int = 0  # layers kept as floats only because the group size does not divide their input size
+    vision_bits: Optional[int] = None
 
 
 def plan_conversion(
@@ -281,7 +298,7 @@ def plan_conversion(
     quantize: bool,
     q_bits: int,
     q_group_size: int,
-    quantize_vision: bool,
+    vision_bits: Optional[int],
 ) -> Plan:
     """Check the checkpoint's tensors against the model `args` describes; plan every output tensor."""
     skeleton = Model(args)  # lazy parameters: shapes only, nothing is allocated
@@ -289,15 +306,14 @@ def plan_conversion(
     validate(skeleton, groups)
     parameters = sum(math.prod(v.shape) for _, v in tree_flatten(skeleton.parameters()))
     dtype = dtype or _default_dtype(config, entries)
-    quantization, quantized, too_narrow = None, set(), 0
-    if quantize:
-        quantization, quantized = quantization_plan(skeleton, q_bits, q_group_size, quantize_vision)
-        kept_by_rule = (ROUTER, ALWAYS_FLOAT, *([] if quantize_vision else [re.compile(r"^(vision_tower|mm_projector)\.")]))
-        too_narrow = sum(1 for path, value in quantization.items()
-                         if value is False and not any(rule.search(path) for rule in kept_by_rule))  # fmt: skip
+    quantization = quantization_plan(skeleton, q_bits, q_group_size, vision_bits) if quantize else None
+    quantized = quantization.layers if quantization else {}
     groups = [g for g in groups if g.targets]  # the others are dropped (rotary inv_freq, position_ids, post_layernorm)
     outputs = output_plan(skeleton, groups, quantized, getattr(mx, dtype))
-    return Plan(skeleton, groups, outputs, dtype, quantization, quantized, parameters, too_narrow)
+    if quantization is None:
+        return Plan(skeleton, groups, outputs, dtype, None, {}, parameters)
+    return Plan(skeleton, groups, outputs, dtype, quantization.config, quantized, parameters, quantization.too_narrow,
+                vision_bits)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +433,7 @@ def _convert_group(plan: Plan, group: Group) -> dict:
         value = value.astype(getattr(mx, plan.dtype))
         module, _, leaf = name.rpartition(".")
         if module in plan.quantized and leaf == "weight":
-            q = plan.quantization
+            q = plan.quantized[module]
             w, scales, biases = mx.quantize(value, q["group_size"], q["bits"], mode="affine")
             out.update({f"{module}.weight": w, f"{module}.scales": scales, f"{module}.biases": biases})
         else:
@@ -498,30 +514,48 @@ def read_source(src: Path, vision_tower: Optional[str]) -> tuple[dict, ModelArgs
 # The conversion
 
 
+@dataclasses.dataclass
+class Quantization:
+    """The checked quantization options (meaningful only with quantize)."""
+
+    bits: int
+    group_size: int
+    vision_bits: Optional[int]  # None: the vision tower and connector stay float
+
+
 def _check_options(
-    quantize: bool, q_bits: Optional[int], q_group_size: Optional[int], dtype: Optional[str], quantize_vision: bool
-) -> tuple[int, int]:
-    """The bits and group size to quantize with (defaults 4 and 64); CuMoError for an option out of
-    range or one that would be ignored."""
-    for flag, value in (("--q-bits", q_bits), ("--q-group-size", q_group_size)):
+    quantize: bool,
+    q_bits: Optional[int],
+    q_group_size: Optional[int],
+    dtype: Optional[str],
+    quantize_vision: Optional[bool],
+    vision_bits: Optional[int],
+) -> Quantization:
+    """The settings to quantize with; CuMoError for an option out of range or one that would be ignored."""
+    for flag, value in (("--q-bits", q_bits), ("--q-group-size", q_group_size), ("--vision-bits", vision_bits)):
         if value is not None and not quantize:
             raise CuMoError(f"{flag} has no effect without --quantize", f"add -q, or leave out {flag}")
-    q_bits = 4 if q_bits is None else q_bits
-    q_group_size = 64 if q_group_size is None else q_group_size
-    if q_bits not in Q_BITS:
+    if quantize_vision is not None and not quantize:
+        flag = "--quantize-vision" if quantize_vision else "--no-quantize-vision"
+        raise CuMoError(f"{flag} needs --quantize", "add -q")
+    if vision_bits is not None and quantize_vision is False:
+        raise CuMoError("--vision-bits has no effect with --no-quantize-vision", "leave out one of them")
+    q = Quantization(
+        4 if q_bits is None else q_bits,
+        64 if q_group_size is None else q_group_size,
+        None if quantize_vision is False else (vision_bits or VISION_BITS),
+    )
+    for flag, value in (("--q-bits", q.bits), ("--vision-bits", q.vision_bits or VISION_BITS)):
+        if value not in Q_BITS:
+            raise CuMoError(f"{flag} must be one of {', '.join(map(str, Q_BITS))}, got {value}", "pick a supported bit width")
+    if q.group_size not in Q_GROUP_SIZES:
         raise CuMoError(
-            f"--q-bits must be one of {', '.join(map(str, Q_BITS))}, got {q_bits}", "pick a supported bit width"
-        )
-    if q_group_size not in Q_GROUP_SIZES:
-        raise CuMoError(
-            f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, got {q_group_size}",
+            f"--q-group-size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, got {q.group_size}",
             "pick a supported group size",
         )
     if dtype is not None and dtype not in DTYPES:
         raise CuMoError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}", "pick a supported dtype")
-    if quantize_vision and not quantize:
-        raise CuMoError("--quantize-vision needs --quantize", "add -q")
-    return q_bits, q_group_size
+    return q
 
 
 def _check_destination(dst: Path, force: bool, src: Optional[Path] = None) -> None:
@@ -540,13 +574,13 @@ def _check_destination(dst: Path, force: bool, src: Optional[Path] = None) -> No
         raise CuMoError(f"{dst.parent} is not a directory", "choose another --mlx-path")
 
 
-def _command(hf_path: str, mlx_path: str, plan: Plan, quantize_vision: bool) -> str:
+def _command(hf_path: str, mlx_path: str, plan: Plan) -> str:
     """The `cumo-mlx convert` command line that makes this conversion (for the model card)."""
     flags = [f"--hf-path {hf_path}", f"--mlx-path {mlx_path}", f"--dtype {plan.dtype}"]
     if plan.quantization:
         q = plan.quantization
         flags += ["-q", f"--q-bits {q['bits']}", f"--q-group-size {q['group_size']}"]
-        flags += ["--quantize-vision"] if quantize_vision else []
+        flags += [f"--vision-bits {plan.vision_bits}" if plan.vision_bits else "--no-quantize-vision"]
     return "cumo-mlx convert " + " ".join(flags)
 
 
@@ -554,8 +588,7 @@ def model_card(
     source: str,
     base_model: Optional[str],
     args: ModelArgs,
-    dtype: str,
-    quantization: Optional[dict],
+    plan: Plan,
     command: str,
     upload_repo: Optional[str],
     dst: Path,
@@ -566,17 +599,14 @@ def model_card(
     parts = []
     parts.append("CLIP-MoE" if args.clip_smoe else "dense CLIP")
     parts.append("MLP-MoE connector" if args.connector_is_moe else "mlp2x_gelu connector")
+    dtype, quantization = plan.dtype, plan.quantization
     if quantization:
         skipped = sum(1 for k, v in quantization.items() if v is False)
+        vision = f"{plan.vision_bits}-bit" if plan.vision_bits else f"kept at {dtype}"
         how = (
-            f"{quantization['bits']}-bit affine quantization, group size {quantization['group_size']}; "
-            f"{skipped} layers kept at {dtype} (MoE routers"
-            + (
-                ""
-                if any(k.startswith("vision_tower.") and v is not False for k, v in quantization.items())
-                else ", vision tower and connector"
-            )
-            + ", and layers whose input size is not a multiple of the group size)"
+            f"affine quantization, group size {quantization['group_size']}: the LLM {quantization['bits']}-bit, "
+            f"the vision tower and connector {vision}; {skipped} layers kept at {dtype} (MoE routers, CLIP's "
+            "position embedding, and layers whose input size is not a multiple of the group size)"
         )
     else:
         how = f"unquantized, {dtype}"
@@ -635,22 +665,23 @@ def convert(
     upload_repo: Optional[str] = None,
     revision: Optional[str] = None,
     vision_tower: Optional[str] = None,
-    quantize_vision: bool = False,
+    quantize_vision: Optional[bool] = None,
+    vision_bits: Optional[int] = None,
     force: bool = False,
     progress: bool = True,
     command: Optional[str] = None,
 ) -> Summary:
     """Convert the CuMo checkpoint `hf_path` (hub id or directory) into the MLX directory `mlx_path`."""
     started = time.time()
-    q_bits, q_group_size = _check_options(quantize, q_bits, q_group_size, dtype, quantize_vision)
+    q = _check_options(quantize, q_bits, q_group_size, dtype, quantize_vision, vision_bits)
     dst = Path(os.path.abspath(os.path.expanduser(mlx_path)))  # (abspath drops a "..": a rename of one fails)
     _check_destination(dst, force)
     src, repo_id = resolve_source(str(hf_path), revision, progress)
     _check_destination(dst, force, src)
     config, args, entries, tokenizer_files = read_source(src, vision_tower)
-    plan = plan_conversion(args, config, entries, dtype, quantize, q_bits, q_group_size, quantize_vision)
+    plan = plan_conversion(args, config, entries, dtype, quantize, q.bits, q.group_size, q.vision_bits)
     if command is None:
-        command = _command(hf_path, mlx_path, plan, quantize_vision)
+        command = _command(hf_path, mlx_path, plan)
     out_config = dataclasses.replace(args, quantization=plan.quantization).to_dict()
     if plan.quantization:
         out_config["quantization_config"] = plan.quantization
@@ -660,7 +691,7 @@ def convert(
             (staged / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
             for name in tokenizer_files:
                 shutil.copyfile(src / name, staged / name)
-            card = model_card(str(hf_path), repo_id, args, plan.dtype, plan.quantization, command, upload_repo, dst)
+            card = model_card(str(hf_path), repo_id, args, plan, command, upload_repo, dst)
             (staged / "README.md").write_text(card)
     except FileExistsError:  # (staged_directory's, without --force: DST was made meanwhile)
         raise CuMoError(
@@ -668,7 +699,7 @@ def convert(
         ) from None
     seconds = time.time() - started
     summary = Summary(dst, plan.parameters, tensor_bytes, bytes_written, plan.quantization, plan.dtype, seconds,
-                      len(plan.quantized), plan.too_narrow)  # fmt: skip
+                      len(plan.quantized), plan.too_narrow, plan.vision_bits)  # fmt: skip
     if upload_repo:
         hub.upload(dst, upload_repo)
     return summary

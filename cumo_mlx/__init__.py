@@ -4,9 +4,10 @@ import importlib
 import sys
 import types
 
-from .blas import load_blas
+from .cpu import keep_freed_memory, load_blas
 
 load_blas()  # before anything imports mlx
+keep_freed_memory()
 
 __all__ = ["load", "generate", "stream_generate", "ChatSession", "Model", "Processor", "batch_generate", "BatchResponse"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-MACHINE = {"date", "system", "cpu", "cores", "memory_gb", "mlx", "device", "blas"}
+MACHINE = {"date", "system", "cpu", "cores", "memory_gb", "mlx", "device", "blas", "blas_core"}
 
 
 def run(name: str, *args: str, folder: Path = BENCHMARKS) -> dict:
@@ -53,8 +53,14 @@ def test_generate():
     assert set(result["llm"]) == {"mistral 2L float", "mistral 2L 4-bit", "mixtral 1L float", "mixtral 1L 4-bit"}
     for figures in result["llm"].values():
         for impl in ("ours", "mlx-lm"):
-            assert all(positive(figures[impl][k]) for k in ("prefill_tps", "decode_tps", "peak_gb"))
+            assert all(positive(figures[impl][k]) for k in ("prefill_tps", "decode_tps", "peak_gb", "decode_bytes_per_s"))
+            assert figures[impl]["decode_of_copy_bandwidth"] == figures[impl]["decode_bytes_per_s"] / figures["copy_bytes_per_s"]
         assert positive(figures["decode_ratio"]) and positive(figures["prefill_ratio"])
+    # What one token reads in the quick Mixtral (hidden 128, 2 of 4 heads' width for K/V, 8 experts of
+    # 448, top-2; vocab 32000), float32: attention, 2/8 of the experts, router, norms, lm_head, and the
+    # KV cache of 24 prompt + 4/2 decoded positions on average. Not the embedding table.
+    weights = 2 * 128 * 128 + 2 * 128 * 64 + 3 * 8 * 448 * 128 * 2 // 8 + 8 * 128 + 3 * 128 + 32000 * 128
+    assert result["llm"]["mixtral 1L float"]["decode_bytes_per_token"] == 4 * weights + 2 * 2 * 32 * 26 * 4
     image = result["image"]
     assert positive(image["encode_s"]) and image["positions"] > 0
     for precision in ("float", "4-bit"):
@@ -62,6 +68,8 @@ def test_generate():
     memory = result["memory"]
     assert set(memory["weights_bytes"]) == {"vision_tower", "connector", "llm"}
     assert memory["estimated_peak_bytes"] > sum(memory["weights_bytes"].values()) > 0
+    # convert -q's 8-bit vision side between the float16 and the 4-bit one
+    assert memory["4bit_vision_estimated_peak_gb"] < memory["estimated_peak_gb"] < memory["float16_vision_estimated_peak_gb"]
 
 
 def test_convert_memory():
@@ -75,8 +83,8 @@ def test_convert_memory():
 
 def test_blas_matmul():
     result = run("blas_matmul")
-    assert set(result["runs"]) == {"loaded", "bundled"} and result["runs"]["bundled"]["blas"] is None
-    assert all(positive(r["seconds"]) and positive(r["gflops"]) for r in result["runs"].values())
+    assert {"loaded", "bundled"} <= set(result["runs"]) and result["runs"]["bundled"]["blas"] is None
+    assert all(positive(r["gflops"]) and positive(r["row_gb_per_s"]) for r in result["runs"].values())
     assert positive(result["speedup"])
 
 
@@ -111,3 +119,19 @@ def test_batch_generate():
     ttft = result["ttft"]
     for case in ("first seen", "seen (vision cache)", "seen (vision + prompt cache)"):
         assert positive(ttft[case]["seconds"]) and positive(ttft[case]["speedup"])
+
+
+def test_quantize_vision():
+    result = run("quantize_vision")
+    memory = result["memory"]
+    assert set(memory) == {"float16", "8-bit", "4-bit"}
+    sizes = [memory[name]["vision_side_bytes"] for name in ("float16", "8-bit", "4-bit")]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] > 0
+    for by_bits in result["random"].values():
+        assert set(by_bits) == {"8", "4"}
+        for figures in by_bits.values():
+            assert 0 <= figures["mean_logit_error"] <= figures["max_logit_error"]
+            assert 0 <= figures["top_token_agreement"] <= 1 and 0 <= figures["greedy_token_agreement"] <= 1
+    demo = result["demo"]
+    assert demo["questions"] > 0 and demo["float16"]["same_answer_as_float16"] == 1.0
+    assert all(0 <= demo[name]["accuracy"] <= 1 for name in ("float16", "8-bit", "4-bit"))

@@ -58,9 +58,16 @@ def dequantize_layer(layer: nn.Module) -> nn.Module:
 
 
 def sync_quantization(model: Model) -> None:
-    """Drop `quantization` from the model's config once no quantized layer is left."""
-    if model.args.quantization and not is_quantized(model):
+    """Make the config's `quantization` say what the model holds: none once no quantized layer is
+    left; a layer with its own entry (the vision side of `convert -q`) that is float now, false."""
+    quantization = model.args.quantization
+    if quantization and not is_quantized(model):
         model.args.quantization = None
+    elif quantization:
+        modules = dict(model.named_modules())
+        for path, entry in quantization.items():
+            if isinstance(entry, dict) and not isinstance(modules.get(path), QUANTIZED):
+                quantization[path] = False
 
 
 def stored_dtype(model_path: Path) -> Optional[str]:

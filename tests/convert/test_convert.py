@@ -329,7 +329,8 @@ def test_quantized_conversion(tmp_path, bits, group):
     for name, shape in float_shapes.items():
         module = name.rpartition(".")[0]
         if module in quantized_modules and name.endswith(".weight"):
-            expected += quantized_bytes(shape, bits, group, 2)
+            vision = module.startswith(("vision_tower.", "mm_projector."))
+            expected += quantized_bytes(shape, 8 if vision else bits, group, 2)
         else:
             expected += int(np.prod(shape)) * 2
     assert summary.tensor_bytes == expected < float_summary.tensor_bytes
@@ -351,7 +352,7 @@ def test_quantized_conversion(tmp_path, bits, group):
     assert (f"{llm}.block_sparse_moe.experts.down_proj" in quantized_modules) == (96 % group == 0)
     if 96 % group:
         assert quant[f"{llm}.block_sparse_moe.experts.down_proj"] is False
-    # Never quantized: routers of all three MoE sites; vision tower and connector by default.
+    # Never quantized: routers of all three MoE sites.
     routers = [
         f"{llm}.block_sparse_moe.gate",
         "mm_projector.gate",
@@ -359,11 +360,19 @@ def test_quantized_conversion(tmp_path, bits, group):
     ]
     for router in routers:
         assert router not in quantized_modules and quant[router] is False
-    assert not [m for m in quantized_modules if m.startswith(("vision_tower.", "mm_projector."))]
+    # The vision tower and the connector at 8 bits by default, recorded per layer where that differs.
+    vision_layers = [m for m in quantized_modules if m.startswith(("vision_tower.", "mm_projector."))]
+    assert "mm_projector.experts.fc1" in vision_layers
+    assert "vision_tower.vision_model.encoder.layers.0.mlp.experts.fc2" in vision_layers
+    for layer in vision_layers:
+        assert quant.get(layer) == (None if bits == 8 else {"group_size": group, "bits": 8, "mode": "affine"})
 
     model, _ = cumo_mlx.load(tmp_path / "q")
     modules = dict(model.named_modules())
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    assert {modules[layer].bits for layer in vision_layers} == {8}
+    assert modules[f"{llm}.self_attn.q_proj"].bits == bits
 
     assert isinstance(modules[f"{llm}.block_sparse_moe.experts.gate_proj"], QuantizedSwitchLinear)
     assert isinstance(modules[f"{llm}.self_attn.q_proj"], nn.QuantizedLinear)
@@ -407,9 +416,37 @@ def test_quantize_vision(tmp_path):
     assert diff.max() < 0.5 and diff.mean() < 0.08  # observed 0.23 / 0.024
 
 
-def test_quantize_vision_needs_quantize(tmp_path, capsys):
-    code, _, err = run_cli(["--hf-path", tmp_path, "--mlx-path", tmp_path / "x", "--quantize-vision"], capsys)
-    assert_one_error_line(code, err, "--quantize-vision needs --quantize")
+@pytest.mark.parametrize(
+    "flags,bits",
+    [([], 8), (["--vision-bits", "4"], 4), (["--vision-bits", "6", "--quantize-vision"], 6), (["--no-quantize-vision"], None)],
+)
+def test_vision_bits(tmp_path, capsys, flags, bits):
+    config, ref, state = reference("mistral-clipmoe-smoe")
+    src = write_checkpoint(tmp_path / "src", state, config)
+    code, out, err = run_cli(["--hf-path", src, "--mlx-path", tmp_path / "q", "-q", "--q-group-size", "32", *flags], capsys)
+    assert code == 0, err
+    assert f"vision {bits}-bit" in out if bits else "vision float32" in out, out
+    model, _ = cumo_mlx.load(tmp_path / "q")
+    modules = dict(model.named_modules())
+    for layer in ("vision_tower.vision_model.encoder.layers.1.mlp.experts.fc2", "mm_projector.experts.fc1"):
+        assert getattr(modules[layer], "bits", None) == bits
+    assert modules["language_model.model.layers.0.self_attn.q_proj"].bits == 4
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert (f"--vision-bits {bits}" if bits else "--no-quantize-vision") in card
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--quantize-vision"], "--quantize-vision needs --quantize"),
+        (["--no-quantize-vision"], "--no-quantize-vision needs --quantize"),
+        (["--vision-bits", "4"], "--vision-bits has no effect without --quantize"),
+        (["-q", "--vision-bits", "4", "--no-quantize-vision"], "--vision-bits has no effect with --no-quantize-vision"),
+    ],
+)
+def test_vision_quantization_flags_that_would_be_ignored(tmp_path, capsys, flags, message):
+    code, _, err = run_cli(["--hf-path", tmp_path, "--mlx-path", tmp_path / "x", *flags], capsys)
+    assert_one_error_line(code, err, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -747,6 +784,8 @@ def test_cli_help_lists_mlx_lm_flags(capsys):
         "--revision",
         "--vision-tower",
         "--quantize-vision",
+        "--no-quantize-vision",
+        "--vision-bits",
         "--force",
     ):
         assert flag in out
@@ -831,9 +870,9 @@ def test_summary_says_what_was_left_unquantized(tmp_path, capsys):
     assert "left at float32: their input size is not a multiple of the group size 128" in out
     code, out, err = run_cli(["--hf-path", src, "--mlx-path", tmp_path / "q64", "-q"], capsys)
     assert code == 0, err
-    assert "4-bit (group 64)" in out and "layer(s) left at float32" in out
+    assert "LLM 4-bit, vision 8-bit, group 64" in out and "layer(s) left at float32" in out
     code, out, err = run_cli(["--hf-path", src, "--mlx-path", tmp_path / "q32", "-q", "--q-group-size", 32], capsys)
-    assert code == 0 and "4-bit (group 32)" in out and "left at" not in out, out
+    assert code == 0 and "LLM 4-bit, vision 8-bit, group 32" in out and "left at" not in out, out
 
 
 def test_no_torch_warning_on_a_protocol_4_pickle(tmp_path):

@@ -238,6 +238,27 @@ def test_pretrain_uses_plain_template_and_writes_a_model(work, tmp_path):
     assert all(np.array_equal(np.array(v), np.array(trained[k])) for k, v in flat(model.mm_projector.parameters()).items())
 
 
+def test_a_model_from_convert_q_trains_its_connector_and_loads_again(work, tmp_path):
+    """`convert -q` stores the LLM at 4 bits and the vision side at 8, the latter as per-layer config
+    entries: a connector dequantized to train must not be quantized again when the result loads."""
+    from cumo_mlx.convert.convert import quantization_plan
+    from cumo_mlx.loader import save
+    from cumo_mlx.train.lora import is_quantized
+
+    model, _ = cumo_mlx.load(work["dense"])
+    model.args.quantization = quantization_plan(model, 4, 32, vision_bits=8).config
+    assert is_quantized(model.mm_projector) and model.mm_projector.fc1.bits == 8
+    save(tmp_path / "q", model, tokenizer_source=work["dense"])
+    out = tmp_path / "out"
+    trainer = Trainer(config(work, out, model=tmp_path / "q", data="captions", stage="pretrain", iters=1))
+    trainer.run()
+    trained, _ = cumo_mlx.load(out)
+    assert not is_quantized(trained.mm_projector) and is_quantized(trained.language_model)
+    assert trained.vision_tower.vision_model.encoder.layers[0].mlp.fc1.bits == 8
+    expected = flat(trainer.model.mm_projector.parameters())
+    assert all(np.array_equal(np.array(v), np.array(expected[k])) for k, v in flat(trained.mm_projector.parameters()).items())
+
+
 def test_full_finetune_refuses_quantized_llm(work, tmp_path):
     import mlx.nn as nn
     from cumo_mlx.loader import save
