@@ -135,10 +135,9 @@ def decode_bytes_per_token(model: nn.Module, positions: float) -> float:
     """Bytes one decoded token reads: every decoder weight (of E experts the k chosen), the final
     norm and lm_head, and the KV cache of `positions` positions."""
     args = model.args
-    share = {"experts": args.num_experts_per_tok / args.num_local_experts} if getattr(args, "num_local_experts", None) else {}
-    params = tree_flatten(model.parameters())
-    weights = sum(v.nbytes * (share["experts"] if ".experts." in k or ".switch_mlp." in k else 1)
-                  for k, v in params if "embed_tokens" not in k)  # fmt: skip
+    experts = args.num_experts_per_tok / args.num_local_experts if getattr(args, "num_local_experts", None) else 1
+    weights = sum(v.nbytes * (experts if ".experts." in k or ".switch_mlp." in k else 1)
+                  for k, v in tree_flatten(model.parameters()) if "embed_tokens" not in k)  # fmt: skip
     kv_heads = args.num_key_value_heads
     head_dim = args.hidden_size // args.num_attention_heads
     kv = 2 * len(model.layers) * kv_heads * head_dim * positions * float_dtype().size
