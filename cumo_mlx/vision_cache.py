@@ -72,10 +72,6 @@ class VisionCache:
             self._entries.clear()
             self.nbytes = 0
 
-    def get_or_compute(self, model: Model, digest: str, compute: Callable[[], mx.array]) -> mx.array:
-        """The features stored for (`model`, `digest`), else `compute()` evaluated and stored."""
-        return self._lookup(model, digest, compute)[0]
-
     def _lookup(self, model: Model, digest: str, compute: Callable[[], mx.array]) -> tuple[mx.array, bool]:
         key = (id(model), digest)
         with self._lock:

@@ -41,17 +41,18 @@ def test_keyed_by_pixels_and_model(models, images):
     assert pixels_digest(np.zeros((2, 2, 3), np.float32)) != pixels_digest(np.zeros((2, 3, 2), np.float32))
 
 
-def test_get_or_compute_computes_on_a_miss_only(mistral):
-    model = mistral[0]
-    cache, calls = VisionCache(), []
+def test_the_vision_tower_runs_on_a_miss_only(mistral, images, monkeypatch):
+    model, processor = mistral
+    cache, calls, encode_images = VisionCache(), [], type(model).encode_images
 
-    def compute():
-        calls.append(1)
-        return mx.ones((1, 4, 8))
+    def counted(self, pixels):
+        calls.append(pixels.shape)
+        return encode_images(self, pixels)
 
-    for _ in range(3):
-        features = cache.get_or_compute(model, "digest", compute)
-    assert len(calls) == 1 and features.shape == (1, 4, 8) and (cache.hits, cache.misses) == (2, 1)
+    monkeypatch.setattr(type(model), "encode_images", counted)
+    encoded = [cache.encode(model, processor, images[0]) for _ in range(3)]
+    assert len(calls) == 1 and (cache.hits, cache.misses) == (2, 1)
+    assert [e.hit for e in encoded] == [False, True, True] and encoded[2].features is encoded[0].features
 
 
 def test_hits_give_the_answers_misses_give(mistral, images, alone):
