@@ -100,8 +100,8 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     `repeats` copies of a `gib` GiB array by numpy (memcpy), split over one thread per core."""
     source = np.ones(int(gib * GB) // 4, np.float32)
     target = np.empty_like(source)
-    parts = np.array_split(np.arange(source.size), os.cpu_count() or 1)
-    bounds = [(int(part[0]), int(part[-1]) + 1) for part in parts if part.size]
+    cuts = np.linspace(0, source.size, (os.cpu_count() or 1) + 1).astype(int)
+    bounds = list(zip(cuts[:-1], cuts[1:]))
     best = math.inf
     with ThreadPoolExecutor(len(bounds)) as pool:  # numpy releases the GIL while it copies
         for _ in range(repeats):

@@ -93,8 +93,9 @@ def random_part(args) -> dict:
     for llm, mixtral in (("mistral", False), ("mixtral", True)):
         runs = {bits: [] for bits in BITS}
         for seed in range(args.seeds):
-            ids, pixels = image_prompt(tiny_model(seed, mixtral), seed)
-            reference = outputs(tiny_model(seed, mixtral), ids, pixels, args.tokens)
+            model = tiny_model(seed, mixtral)
+            ids, pixels = image_prompt(model, seed)
+            reference = outputs(model, ids, pixels, args.tokens)
             for bits in BITS:
                 model = tiny_model(seed, mixtral)
                 quantize_vision(model, bits, GROUP)
